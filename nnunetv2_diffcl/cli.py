@@ -1,0 +1,46 @@
+"""``nnUNetv2_diffcl``: the plugin's own commands, next to nnU-Net's.
+
+Each command lives in its own module with ``configure_parser(parser)`` and ``run(args) -> int``; the
+module is imported only when its command runs, so ``--help`` and ``doctor`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("nnunetv2_diffcl.doctor", "check that nnU-Net finds the plugin's trainers and what runs where"),
+    "preprocess_unlabeled": ("nnunetv2_diffcl.data.preprocess_unlabeled_command",
+                             "preprocess imagesTu/ with the dataset's own plans"),
+    "synthetic": ("nnunetv2_diffcl.datasets.synthetic_command",
+                  "write the synthetic demo dataset into nnUNet_raw"),
+    "demo": ("nnunetv2_diffcl.demo", "run the whole workflow on synthetic data (CPU, a few minutes)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: nnUNetv2_diffcl COMMAND [options]   (nnUNetv2_diffcl COMMAND -h for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<22}{help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"{_usage()}\n\nnnUNetv2_diffcl: unknown command '{argv[0]}'", file=sys.stderr)
+        return 2
+    module_name, help_text = COMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"nnUNetv2_diffcl {argv[0]}", description=help_text)
+    module.configure_parser(parser)
+    return int(module.run(parser.parse_args(argv[1:])) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
