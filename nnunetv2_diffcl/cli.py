@@ -17,6 +17,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthetic": ("nnunetv2_diffcl.datasets.synthetic_command",
                   "write the synthetic demo dataset into nnUNet_raw"),
     "demo": ("nnunetv2_diffcl.demo", "run the whole workflow on synthetic data (CPU, a few minutes)"),
+    "evaluate": ("nnunetv2_diffcl.evaluation.evaluate",
+                 "Dice, Jaccard, HD95 and ASD (mm and voxels) of a prediction folder against references"),
+    "convert_la": ("nnunetv2_diffcl.datasets.converters.la",
+                   "left atrium (LA 2018 challenge folders or h5 release) -> nnU-Net raw, semi-supervised split"),
+    "convert_pancreas": ("nnunetv2_diffcl.datasets.converters.pancreas",
+                         "NIH pancreas CT (NIfTI, DICOM or h5 release) -> nnU-Net raw, semi-supervised split"),
+    "convert_brats": ("nnunetv2_diffcl.datasets.converters.brats",
+                      "BraTS 2019 FLAIR whole tumour (challenge folders or h5) -> nnU-Net raw, semi-supervised split"),
 }
 
 

@@ -25,10 +25,10 @@ import multiprocessing
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from os.path import isdir, isfile, join
-from typing import Callable, Sequence
 
 import numpy as np
 

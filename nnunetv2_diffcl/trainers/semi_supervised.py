@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from os.path import join
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -7,7 +7,7 @@ and drawn in progress.png as a fourth panel under nnU-Net's three.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
