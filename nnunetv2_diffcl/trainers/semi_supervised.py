@@ -205,7 +205,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         logged = {k: float(v.detach()) for k, v in terms.items()}
         logged[WEIGHT_TERM] = weight
         if not torch.isfinite(total):
-            self.print_to_log_file(f"WARNING: non-finite loss ({float(total)}) in step {self.ssl_step}, terms "
+            self.print_to_log_file(f"WARNING: non-finite loss ({float(total.detach())}) in step {self.ssl_step}, terms "
                                    f"{logged}: step skipped, weights unchanged.")
             for _, optimizer in trained:
                 optimizer.zero_grad(set_to_none=True)
