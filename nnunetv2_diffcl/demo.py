@@ -1,0 +1,190 @@
+"""``nnUNetv2_diffcl demo``: the whole user workflow on synthetic data, on a CPU, in minutes.
+
+Runs the real commands a user runs, as subprocesses, in folders of its own (never the user's
+nnUNet_raw / nnUNet_preprocessed / nnUNet_results):
+
+1. write a synthetic dataset (few labeled cases, many unlabeled, a test set with labels kept apart);
+2. ``nnUNetv2_plan_and_preprocess`` and ``nnUNetv2_diffcl preprocess_unlabeled``;
+3. ``nnUNetv2_train ... -tr T`` for each trainer, all with the same short schedule;
+4. ``nnUNetv2_predict`` on the test images and ``evaluate`` against the kept-apart labels;
+5. a Dice table, ``results.json`` / ``results.md`` and PNG overlays of a test case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATASET_ID = 990
+DATASET_NAME = "Dataset990_DiffCLSynthetic"
+MARKER = ".nnunetv2_diffcl_demo"
+DEFAULT_TRAINERS = ["LabeledOnlyTrainer", "CPSTrainer"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="diffcl_demo", help="working folder (default ./diffcl_demo)")
+    parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS, help="trainers to compare")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    parser.add_argument("--labeled", type=int, default=4)
+    parser.add_argument("--unlabeled", type=int, default=16)
+    parser.add_argument("--test", type=int, default=6)
+    parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="volume size of the cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+class Workflow:
+    """Runs steps as subprocesses, logs each to its own file, prints one progress line per step."""
+
+    def __init__(self, out: Path, env: dict) -> None:
+        self.out = out
+        self.env = env
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+
+    def say(self, message: str) -> None:
+        elapsed = int(time.time() - self.start)
+        print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {message}", flush=True)
+
+    def run(self, name: str, args: list[str], env: dict | None = None) -> float:
+        self.say(f"{name}: {' '.join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args))}")
+        started = time.time()
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as f:
+            result = subprocess.run(args, env=env or self.env, stdout=f, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+            raise RuntimeError(f"step '{name}' failed (exit {result.returncode}); last lines of {log}:\n{tail}")
+        return time.time() - started
+
+
+def _tool(name: str) -> str:
+    """Console scripts of the environment running the demo."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def prepare_folder(out: Path) -> None:
+    """Use ``out`` only if it is new, empty, or an earlier demo's folder (then its data is replaced)."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise RuntimeError(f"{out} exists and was not made by the demo; choose another --out folder")
+    for sub in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "logs", "overlays"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by nnUNetv2_diffcl demo; safe to delete\n")
+
+
+def write_overlays(out: Path, raw: Path, predictions: dict[str, Path], case: str) -> Path:
+    """Three orthogonal slices through the target's centre: image, reference and each method's contour."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz")))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f"{case}.nii.gz")))
+    masks = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}.nii.gz")))
+             for name, folder in predictions.items()}
+    centre = [int(round(c)) for c in np.argwhere(reference > 0).mean(0)] if reference.any() else \
+        [s // 2 for s in reference.shape]
+    colours = ["tab:orange", "tab:cyan", "tab:pink", "tab:olive", "tab:purple"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6))
+    for axis, ax in enumerate(axes):
+        index = [slice(None)] * 3
+        index[axis] = centre[axis]
+        index = tuple(index)
+        ax.imshow(image[index], cmap="gray")
+        ax.contour(reference[index], levels=[0.5], colors="lime", linewidths=2.5)
+        for (name, mask), colour in zip(masks.items(), colours):
+            if mask[index].any():
+                ax.contour(mask[index], levels=[0.5], colors=colour, linewidths=1.5, linestyles="--")
+        ax.set_title(["axial", "coronal", "sagittal"][axis])
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color="lime", lw=2.5, label="reference")]
+    handles += [plt.Line2D([], [], color=c, lw=1.5, ls="--", label=n) for n, c in zip(masks, colours)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles))
+    fig.suptitle(f"test case {case}")
+    path = out / "overlays" / f"{case}.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| trainer | Dice (mean ± sd) | HD95 mm (mean) | train time |", "|---|---|---|---|"]
+    for r in rows:
+        hd = "n/a" if r["hd95_mm"] is None else f"{r['hd95_mm']:.2f}"
+        lines.append(f"| {r['trainer']} | {r['dice']:.4f} ± {r['dice_sd']:.4f} | {hd} | {r['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, write_synthetic_dataset
+    from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
+
+    out = Path(args.out).resolve()
+    try:
+        prepare_folder(out)
+    except RuntimeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    env = {**os.environ, "nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
+           "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_def_n_proc": "2", "nnUNet_compile": "false",
+           "nnUNet_diffcl_epochs": str(args.epochs), "nnUNet_diffcl_iterations": str(args.iterations),
+           "nnUNet_diffcl_val_iterations": "2"}
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): never 0 while planning
+    planning_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+    training_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "1")}
+    flow = Workflow(out, env)
+    try:
+        flow.say(f"demo in {out}: {args.labeled} labeled, {args.unlabeled} unlabeled, {args.test} test cases of "
+                 f"{'x'.join(map(str, args.shape))} voxels; {args.epochs} epochs x {args.iterations} iterations")
+        write_synthetic_dataset(out / "nnUNet_raw", DATASET_ID, num_labeled=args.labeled,
+                                num_unlabeled=args.unlabeled, num_test=args.test, seed=args.seed,
+                                config=SyntheticConfig(shape=tuple(args.shape)))
+        raw = out / "nnUNet_raw" / DATASET_NAME
+        flow.run("plan_and_preprocess", [_tool("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c",
+                                         "3d_fullres", "-np", "2", "-npfp", "2"], planning_env)
+        flow.run("preprocess_unlabeled", [_tool("nnUNetv2_diffcl"), "preprocess_unlabeled", "-d", str(DATASET_ID),
+                                          "-np", "2"])
+        rows, predictions = [], {}
+        for trainer in args.trainers:
+            seconds = flow.run(f"train_{trainer}", [_tool("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all",
+                                                    "-tr", trainer, "-device", args.device], training_env)
+            predictions[trainer] = out / "predictions" / trainer
+            flow.run(f"predict_{trainer}", [_tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o",
+                                            str(predictions[trainer]), "-d", str(DATASET_ID), "-c", "3d_fullres",
+                                            "-f", "all", "-tr", trainer, "-device", args.device, "-npp", "1",
+                                            "-nps", "1"])
+            summary = evaluate_folders(raw / "labelsTs", predictions[trainer],
+                                       output_file=predictions[trainer] / "summary.json", labels=[1])
+            stats = summary["mean_over_classes"]
+            rows.append({"trainer": trainer, "dice": stats["dice"]["mean"], "dice_sd": stats["dice"]["std"],
+                         "hd95_mm": stats["hd95_mm"]["mean"], "train_seconds": seconds,
+                         "per_case_dice": {c["case"]: c["metrics"]["1"]["dice"] for c in summary["per_case"]}})
+            flow.say(f"{trainer}: test Dice {rows[-1]['dice']:.4f}")
+        case = sorted(rows[0]["per_case_dice"])[0]
+        overlay = write_overlays(out, raw, predictions, case)
+    except RuntimeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    table = format_table(rows)
+    total = time.time() - flow.start
+    results = {"rows": rows, "total_seconds": total, "settings": vars(args), "overlay": str(overlay)}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.md").write_text(f"# nnUNetv2_diffcl demo\n\n{table}\n\nTotal run time: {total:.0f} s\n")
+    print(f"\nTest-set Dice ({args.test} synthetic cases, {args.labeled} labeled + {args.unlabeled} unlabeled "
+          f"for training):\n\n{table}\n")
+    print(f"overlays: {overlay}\nresults:  {out / 'results.md'}\ntotal time: {total / 60:.1f} min")
+    return 0
