@@ -31,6 +31,8 @@ from nnunetv2_diffcl.datasets.converters.common import (
     CaseData,
     ConverterError,
     add_common_arguments,
+    add_h5_arguments,
+    complete_provenance,
     find_split,
     label_on_image_grid,
     load_h5_case,
@@ -90,14 +92,7 @@ def convert(args: argparse.Namespace) -> Path:
         "lists": lists.sources, "modality": "FLAIR only",
         "label_mapping": "whole tumour: any label > 0 -> 1",
     }
-    if kind == "h5":
-        provenance.update(spacing_xyz_mm=list(spacing), spacing_note="assumed: h5 arrays carry no spacing",
-                          h5_axis_order=args.h5_axes,
-                          axis_note="stored arrays transposed to SimpleITK's (z, y, x) array order")
-    listed = set(plan.labeled + plan.unlabeled + plan.test + plan.validation)
-    unlisted = sorted(set(cases) - listed)
-    if unlisted:
-        provenance["unlisted_cases"] = unlisted
+    complete_provenance(provenance, kind, args, cases, plan)
     return write_dataset(args, plan, load, "FLAIR", "whole_tumor", provenance)
 
 
@@ -108,10 +103,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", choices=VALIDATION_PLACEMENTS, default="skip",
                         help="where the validation cases go: skip (default, listed in split.json only), "
                              "unlabeled (imagesTu) or test (imagesTs + labelsTs)")
-    parser.add_argument("--h5-spacing", type=float, nargs=3, default=list(DEFAULT_H5_SPACING),
-                        metavar=("X", "Y", "Z"), help="voxel spacing (mm) assumed for the h5 release")
-    parser.add_argument("--h5-axes", choices=("xyz", "zyx"), default="zyx",
-                        help="axis order of the h5 arrays (the SSL4MIS release stores z, y, x)")
+    add_h5_arguments(parser, DEFAULT_H5_SPACING, "zyx",
+                     "axis order of the h5 arrays (the SSL4MIS release stores z, y, x)")
 
 
 def run(args: argparse.Namespace) -> int:

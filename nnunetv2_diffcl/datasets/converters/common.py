@@ -191,6 +191,27 @@ def make_plan(lists: SplitLists, available: Iterable[str], n_labeled: int, seed:
     return SplitPlan(labeled, unlabeled, sorted(test), sorted(validation), validation_placement)
 
 
+def add_h5_arguments(parser: argparse.ArgumentParser, default_spacing: Sequence[float], default_axes: str,
+                     axes_help: str) -> None:
+    """``--h5-spacing`` and ``--h5-axes``: what an h5 release does not store."""
+    parser.add_argument("--h5-spacing", type=float, nargs=3, default=list(default_spacing),
+                        metavar=("X", "Y", "Z"), help="voxel spacing (mm) assumed for the h5 release")
+    parser.add_argument("--h5-axes", choices=("xyz", "zyx"), default=default_axes, help=axes_help)
+
+
+def complete_provenance(provenance: dict[str, object], kind: str, args: argparse.Namespace,
+                        available: Iterable[str], plan: SplitPlan) -> dict[str, object]:
+    """Add what split.json must record beyond the source: h5 assumptions and cases in no list."""
+    if kind == "h5":
+        provenance.update(spacing_xyz_mm=list(args.h5_spacing), spacing_note="assumed: h5 arrays carry no spacing",
+                          h5_axis_order=args.h5_axes,
+                          axis_note="stored arrays transposed to SimpleITK's (z, y, x) array order")
+    unlisted = sorted(set(available) - set(plan.labeled + plan.unlabeled + plan.test + plan.validation))
+    if unlisted:
+        provenance["unlisted_cases"] = unlisted
+    return provenance
+
+
 def array_to_image(array: np.ndarray, axes: str, spacing_xyz: Sequence[float]) -> sitk.Image:
     """An h5 array as an image; ``axes`` is the stored order, 'xyz' or 'zyx' (SimpleITK's array order)."""
     array = np.asarray(array)

@@ -24,6 +24,8 @@ from nnunetv2_diffcl.datasets.converters.common import (
     CaseData,
     ConverterError,
     add_common_arguments,
+    add_h5_arguments,
+    complete_provenance,
     find_split,
     label_on_image_grid,
     load_h5_case,
@@ -84,23 +86,14 @@ def convert(args: argparse.Namespace) -> Path:
         "input_folder": str(folder.resolve()), "lists": lists.sources,
         "label_mapping": "non-zero (255 in laendo.nrrd) -> 1 (left_atrium)",
     }
-    if kind == "h5":
-        provenance.update(spacing_xyz_mm=list(spacing), spacing_note="assumed: h5 arrays carry no spacing",
-                          h5_axis_order=args.h5_axes,
-                          axis_note="stored arrays transposed to SimpleITK's (z, y, x) array order")
-    unlisted = sorted(set(cases) - set(plan.labeled + plan.unlabeled + plan.test))
-    if unlisted:
-        provenance["unlisted_cases"] = unlisted
+    complete_provenance(provenance, kind, args, cases, plan)
     return write_dataset(args, plan, load, "LGE-MRI", "left_atrium", provenance)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``nnUNetv2_diffcl convert_la``."""
     add_common_arguments(parser, default_name="LA")
-    parser.add_argument("--h5-spacing", type=float, nargs=3, default=list(DEFAULT_H5_SPACING),
-                        metavar=("X", "Y", "Z"), help="voxel spacing (mm) assumed for the h5 release")
-    parser.add_argument("--h5-axes", choices=("xyz", "zyx"), default="xyz",
-                        help="axis order of the h5 arrays (the LA release stores x, y, z)")
+    add_h5_arguments(parser, DEFAULT_H5_SPACING, "xyz", "axis order of the h5 arrays (the LA release stores x, y, z)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,6 +30,8 @@ from nnunetv2_diffcl.datasets.converters.common import (
     ConverterError,
     SplitLists,
     add_common_arguments,
+    add_h5_arguments,
+    complete_provenance,
     digits_key,
     find_split,
     label_on_image_grid,
@@ -122,23 +124,14 @@ def convert(args: argparse.Namespace) -> Path:
         "lists": lists.sources, "label_mapping": "non-zero -> 1 (pancreas)",
         "case_naming": "pancreas_XXXX from the case number",
     }
-    if kind == "h5":
-        provenance.update(spacing_xyz_mm=list(spacing), spacing_note="assumed: h5 arrays carry no spacing",
-                          h5_axis_order=args.h5_axes,
-                          axis_note="stored arrays transposed to SimpleITK's (z, y, x) array order")
-    unlisted = sorted(set(images) - set(plan.labeled + plan.unlabeled + plan.test))
-    if unlisted:
-        provenance["unlisted_cases"] = unlisted
+    complete_provenance(provenance, kind, args, images, plan)
     return write_dataset(args, plan, load, "CT", "pancreas", provenance)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``nnUNetv2_diffcl convert_pancreas``."""
     add_common_arguments(parser, default_name="Pancreas")
-    parser.add_argument("--h5-spacing", type=float, nargs=3, default=list(DEFAULT_H5_SPACING),
-                        metavar=("X", "Y", "Z"), help="voxel spacing (mm) assumed for the h5 release")
-    parser.add_argument("--h5-axes", choices=("xyz", "zyx"), default="xyz",
-                        help="axis order of the h5 arrays")
+    add_h5_arguments(parser, DEFAULT_H5_SPACING, "xyz", "axis order of the h5 arrays")
 
 
 def run(args: argparse.Namespace) -> int:
