@@ -105,7 +105,7 @@ def write_overlays(out: Path, raw: Path, predictions: dict[str, Path], case: str
         index = tuple(index)
         ax.imshow(image[index], cmap="gray")
         ax.contour(reference[index], levels=[0.5], colors="lime", linewidths=2.5)
-        for (name, mask), colour in zip(masks.items(), colours):
+        for mask, colour in zip(masks.values(), colours):
             if mask[index].any():
                 ax.contour(mask[index], levels=[0.5], colors=colour, linewidths=1.5, linestyles="--")
         ax.set_title(["axial", "coronal", "sagittal"][axis])

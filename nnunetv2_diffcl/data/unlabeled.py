@@ -32,6 +32,8 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
+from nnunetv2_diffcl.file_io import write_json_atomic
+
 MANIFEST_VERSION = 1
 UNLABELED_RAW_FOLDER = "imagesTu"
 
@@ -181,13 +183,6 @@ def _remove_case(output_folder: str, case: str) -> None:
             os.remove(join(output_folder, name))
 
 
-def _write_json_atomically(path: str, content: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)
-
-
 def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: Sequence[str] = ("3d_fullres",),
                          plans_identifier: str = "nnUNetPlans", num_processes: int | Sequence[int] | None = None,
                          progress: Callable[[str], None] = print) -> dict[str, str]:
@@ -275,7 +270,7 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: Sequence
                         progress(f"  [{i}/{len(jobs)}] {case}")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        _write_json_atomically(manifest_path, {
+        write_json_atomic({
             "manifest_version": MANIFEST_VERSION,
             "dataset_name": dataset_name,
             "plans_name": plans_manager.plans_name,
@@ -286,7 +281,7 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: Sequence
             "nnunetv2_diffcl_version": version("nnunetv2-diffcl"),
             "raw_folder": join(raw_folder, UNLABELED_RAW_FOLDER),
             "cases": {case: signatures[case] for case in sorted(cases)},
-        })
+        }, manifest_path)
         outputs[configuration_name] = output_folder
     return outputs
 

@@ -13,11 +13,9 @@ metrics and the empty-mask convention.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +31,7 @@ from nnunetv2_diffcl.evaluation.metrics import (
     empty_pair_metrics,
     summarize,
 )
+from nnunetv2_diffcl.file_io import write_json_atomic
 
 KNOWN_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".png")
 DEFAULT_TOLERANCE = 1e-3
@@ -122,20 +121,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def write_json_atomic(data: Any, file: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename, so readers never see half a file."""
-    target = Path(file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, allow_nan=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
