@@ -1,0 +1,142 @@
+"""Contrastive label propagation: projection head, per-class memory bank, supervised InfoNCE.
+
+Labeled voxels that the CNN predicts correctly fill a per-class FIFO memory bank of embeddings.
+Unlabeled voxels, labelled by the diffusion branch's pseudo-label where both branches agree, are
+pulled toward the bank entries of their class and pushed from the others' (supervised InfoNCE,
+Khosla et al. 2020, with the bank as the set of keys). Nothing flows into the bank: entries are
+detached copies. Classes absent from a batch or from the bank are skipped, never a NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionHead(nn.Module):
+    """1x1 convolutions from decoder features to L2-normalised embeddings, for any dimensionality."""
+
+    def __init__(self, in_channels: int, embed_dim: int = 64, conv_op: type[nn.Module] = nn.Conv3d,
+                 hidden_channels: int | None = None) -> None:
+        super().__init__()
+        assert conv_op in (nn.Conv1d, nn.Conv2d, nn.Conv3d), f"conv_op must be a torch ConvNd class, got {conv_op}"
+        hidden = hidden_channels or in_channels
+        self.net = nn.Sequential(conv_op(in_channels, hidden, 1), nn.LeakyReLU(inplace=True),
+                                 conv_op(hidden, embed_dim, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(features), dim=1)
+
+
+class ClassMemoryBank(nn.Module):
+    """A FIFO ring buffer of ``capacity`` embeddings per class, kept as buffers (saved in state_dict)."""
+
+    def __init__(self, num_classes: int, embed_dim: int, capacity: int = 2048) -> None:
+        super().__init__()
+        assert num_classes > 0 and embed_dim > 0 and capacity > 0, "sizes must be positive"
+        self.register_buffer("features", torch.zeros(num_classes, capacity, embed_dim))
+        self.register_buffer("pointer", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+
+    @property
+    def num_classes(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.features.shape[1]
+
+    @torch.no_grad()
+    def push(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append (N, D) embeddings with (N,) class labels; the oldest entries of a full class are replaced."""
+        embeddings = embeddings.detach().to(self.features.dtype)
+        for c in labels.unique().tolist():
+            if not 0 <= c < self.num_classes:
+                continue
+            new = embeddings[labels == c][-self.capacity:]
+            n = new.shape[0]
+            slots = (self.pointer[c] + torch.arange(n, device=new.device)) % self.capacity
+            self.features[c, slots] = new
+            self.pointer[c] = (self.pointer[c] + n) % self.capacity
+            self.count[c] = torch.clamp(self.count[c] + n, max=self.capacity)
+
+    def entries(self, c: int) -> torch.Tensor:
+        """The stored embeddings of class ``c``, oldest first."""
+        n = int(self.count[c])
+        if n < self.capacity:
+            return self.features[c, :n]
+        p = int(self.pointer[c])
+        return torch.cat([self.features[c, p:], self.features[c, :p]])
+
+    def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored embeddings (M, D) with their class labels (M,)."""
+        parts = [self.entries(c) for c in range(self.num_classes)]
+        labels = [torch.full((p.shape[0],), c, dtype=torch.long, device=p.device) for c, p in enumerate(parts)]
+        return torch.cat(parts), torch.cat(labels)
+
+
+def sample_per_class(embeddings: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, max_per_class: int,
+                     num_classes: int, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``max_per_class`` random voxels of each class where ``mask`` holds.
+
+    embeddings (B, D, *spatial), labels and mask (B, *spatial); returns (N, D) and (N,).
+    """
+    dim = embeddings.shape[1]
+    flat = embeddings.movedim(1, -1).reshape(-1, dim)
+    labels = labels.reshape(-1)
+    mask = mask.reshape(-1)
+    chosen = []
+    for c in range(num_classes):
+        index = torch.nonzero(mask & (labels == c), as_tuple=False).squeeze(1)
+        if index.numel() > max_per_class:
+            order = torch.randperm(index.numel(), generator=generator, device="cpu").to(index.device)
+            index = index[order[:max_per_class]]
+        chosen.append(index)
+    index = torch.cat(chosen)
+    return flat[index], labels[index]
+
+
+def supervised_infonce(queries: torch.Tensor, query_labels: torch.Tensor, keys: torch.Tensor,
+                       key_labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Mean over queries of -mean over positives log(exp(q.k+/tau) / sum over all keys exp(q.k/tau)).
+
+    Queries whose class has no key are left out; with none left the loss is a zero that still
+    belongs to the graph (so DDP sees every parameter used).
+    """
+    zero = queries.sum() * 0.0
+    if queries.numel() == 0 or keys.numel() == 0:
+        return zero
+    positives = (query_labels[:, None] == key_labels[None, :]).float()
+    has_positive = positives.sum(1) > 0
+    if not has_positive.any():
+        return zero
+    logits = queries[has_positive].float() @ keys.float().t() / temperature
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = positives[has_positive]
+    return (-(log_prob * positives).sum(1) / positives.sum(1)).mean()
+
+
+def all_gather_samples(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples of every rank (for the shared memory bank under DDP); identity without DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embeddings, labels
+    world = dist.get_world_size()
+    size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
+    padded[: embeddings.shape[0]] = embeddings.detach()
+    padded_labels = torch.full((longest,), -1, device=labels.device, dtype=labels.dtype)
+    padded_labels[: labels.shape[0]] = labels
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    gathered_labels = [torch.zeros_like(padded_labels) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    dist.all_gather(gathered_labels, padded_labels)
+    all_labels = torch.cat(gathered_labels)
+    keep = all_labels >= 0
+    return torch.cat(gathered)[keep], all_labels[keep]
+
