@@ -13,5 +13,6 @@ VENV_PY="$REPO/.venv/bin/python"
 "$VENV_PY" -m pip install -q -e "$REPO[test]"
 if [ "${DIFFCL_WITH_MAMBA_SSM:-0}" = "1" ]; then
   # mamba-ssm's Python part only (no CUDA build): the tests compare our Mamba layer with it on the CPU
-  MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "$VENV_PY" -m pip install -q --no-build-isolation "mamba-ssm>=2.2"
+  "$VENV_PY" -m pip install -q packaging
+  MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "$VENV_PY" -m pip install -q --no-build-isolation "mamba-ssm==2.3.2.post1"
 fi
