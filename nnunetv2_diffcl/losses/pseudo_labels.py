@@ -17,20 +17,25 @@ def hard_pseudo_label(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pseudo_label_targets(outputs: torch.Tensor | Sequence[torch.Tensor], has_regions: bool
-                         ) -> torch.Tensor | list[torch.Tensor]:
-    """Targets matching ``outputs``: one tensor, or one per deep-supervision output.
+def targets_like(label: torch.Tensor, outputs: torch.Tensor | Sequence[torch.Tensor]
+                 ) -> torch.Tensor | list[torch.Tensor]:
+    """A full-resolution label shaped as the target of ``outputs`` (one tensor or one per DS output).
 
-    Lower resolutions are nearest-neighbour downsamplings of the highest-resolution label, as nnU-Net
-    makes its own deep-supervision targets from the ground truth.
+    Lower resolutions are nearest-neighbour downsamplings ('nearest-exact'), as nnU-Net makes its own
+    deep-supervision targets from the ground truth.
     """
     if isinstance(outputs, torch.Tensor):
-        return hard_pseudo_label(outputs, has_regions)
-    full = hard_pseudo_label(outputs[0], has_regions)
-    targets = [full]
-    for out in outputs[1:]:
-        targets.append(F.interpolate(full.float(), size=out.shape[2:], mode="nearest-exact").to(full.dtype))
-    return targets
+        return label
+    return [label] + [F.interpolate(label.float(), size=out.shape[2:], mode="nearest-exact").to(label.dtype)
+                      for out in outputs[1:]]
+
+
+@torch.no_grad()
+def pseudo_label_targets(outputs: torch.Tensor | Sequence[torch.Tensor], has_regions: bool
+                         ) -> torch.Tensor | list[torch.Tensor]:
+    """Hard pseudo-label of the highest-resolution output, as targets for ``outputs``' structure."""
+    full = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+    return targets_like(hard_pseudo_label(full, has_regions), outputs)
 
 
 def split_batch(outputs: torch.Tensor | Sequence[torch.Tensor], n_first: int):

@@ -156,7 +156,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             for aux in self.auxiliary.values():
                 if aux.optimizer is not None:
                     aux.module = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(aux.module),
-                                     device_ids=[self.local_rank])
+                                     device_ids=[self.local_rank] if self.device.type == "cuda" else None)
 
     def get_dataloaders(self):
         raw = join(str(nnUNet_raw), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None

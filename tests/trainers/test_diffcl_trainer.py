@@ -1,0 +1,238 @@
+"""DiffCLTrainer: terms, gradients, checkpoint and resume, variants, DDP logic, real commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.multiprocessing as mp
+
+from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
+from nnunetv2_diffcl.trainers import diffcl
+from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY
+from tests.conftest import DATASET_ID, command, run_command
+from tests.trainers.test_cps_trainer import make_trainer
+
+TERMS = {"cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "agreement"}
+
+
+def fixed_batch(trainer) -> dict:
+    """One real labeled + unlabeled batch from the trainer's own loaders (then the loaders stop)."""
+    loaders, val = trainer.get_dataloaders()
+    batch = next(loaders)
+    loaders._finish()
+    if hasattr(val, "_finish"):
+        val._finish()
+    return batch
+
+
+def clone(batch: dict) -> dict:
+    return {"data": batch["data"].clone(), "target": [t.clone() for t in batch["target"]],
+            UNLABELED_KEY: {"data": batch[UNLABELED_KEY]["data"].clone()}}
+
+
+class DiffCLTrainer_tiny(diffcl.DiffCLTrainer):
+    """Fewer DDIM steps and a small bank keep in-process tests fast; the logic is DiffCLTrainer's."""
+
+    ddim_steps = 2
+    bank_capacity = 64
+    bank_samples_per_class = 16
+    query_samples_per_class = 16
+
+
+@pytest.fixture
+def trainer(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    return make_trainer(dataset_copy, DiffCLTrainer_tiny)
+
+
+def test_networks_and_options(trainer):
+    assert set(trainer.auxiliary) == {"ds", "projection_head", "memory_bank"}
+    assert trainer.auxiliary["memory_bank"].optimizer is None
+    assert len(trainer.network.hf_mamba) == 1  # CS = planned network + HF-Mamba at the bottleneck
+    assert trainer.sampler.timesteps[0] == 999 and trainer.sampler.timesteps[-1] == 0
+    assert (trainer.mu1, trainer.mu2, trainer.eta, trainer.contrastive_temperature) == (1.0, 1.0, 0.1, 0.1)
+    assert diffcl.DiffCLTrainer.ddim_steps == 10 and not trainer._do_i_compile()
+
+
+def test_step_terms_and_every_parameter_gets_a_gradient(trainer):
+    batch = fixed_batch(trainer)
+    data, target, data_u = batch["data"], batch["target"], batch[UNLABELED_KEY]["data"]
+    total, terms = trainer.compute_losses(data, target, data_u, weight=1.0)
+    assert set(terms) == TERMS and all(torch.isfinite(v) for v in terms.values())
+    assert terms["contrast"].item() == 0.0  # first step: the bank is still empty
+    assert int(trainer.auxiliary["memory_bank"].module.count.sum()) > 0  # ... and is filled now
+    assert 0.0 <= terms["agreement"].item() <= 1.0
+    total.backward()
+    # DDP needs every parameter in the graph, even when a term is zero. The one exception is nnU-Net's
+    # own: outside DDP its deep-supervision loss weights the lowest-resolution output 0 (1e-6 under DDP)
+    lowest = {"decoder.seg_layers.0.weight", "decoder.seg_layers.0.bias"}
+    for name, module in [("cs", trainer.network), ("ds", trainer.auxiliary["ds"].module),
+                         ("head", trainer.auxiliary["projection_head"].module)]:
+        missing = {n for n, p in module.named_parameters() if p.grad is None}
+        assert missing <= lowest, f"{name}: no gradient for {sorted(missing - lowest)[:5]}"
+    # second step: the bank has entries, the contrastive term is active
+    _, terms = trainer.compute_losses(data, target, data_u, weight=1.0)
+    assert terms["contrast"].item() > 0.0
+
+
+def test_a_few_steps_lower_the_loss(trainer):
+    batch = fixed_batch(trainer)
+    trainer.on_train_epoch_start()
+    losses = [trainer.train_step(clone(batch))["loss"] for _ in range(6)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_checkpoint_round_trip_restores_everything(trainer, dataset_copy):
+    batch = fixed_batch(trainer)
+    trainer.on_train_epoch_start()
+    for _ in range(2):
+        trainer.train_step(clone(batch))
+    path = os.path.join(trainer.output_folder, "checkpoint_test.pth")
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)[CHECKPOINT_KEY]
+    assert set(state["networks"]) == {"ds", "projection_head", "memory_bank"}
+    assert set(state["optimizers"]) == {"ds", "projection_head"}
+
+    torch.manual_seed(99)
+    restored = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    restored.load_checkpoint(path)
+    assert restored.ssl_step == 2
+    for name in ("ds", "projection_head", "memory_bank"):
+        mine, theirs = trainer.auxiliary[name].module.state_dict(), restored.auxiliary[name].module.state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    bank = restored.auxiliary["memory_bank"].module
+    assert torch.equal(bank.entries(1), trainer.auxiliary["memory_bank"].module.entries(1))
+    # resumed and uninterrupted runs continue identically from the same state and the same randomness
+    torch.manual_seed(5)
+    a = trainer.train_step(clone(batch))
+    torch.manual_seed(5)
+    b = restored.train_step(clone(batch))
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_empty_and_single_class_pseudo_labels_never_nan(trainer):
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    background_only = [torch.zeros_like(t) for t in batch["target"]]  # foreground absent in the batch
+    trainer.sample_ds_pseudo_label = lambda image, generator=None: torch.zeros(
+        (image.shape[0], 1, *image.shape[2:]), dtype=torch.int16)  # DS predicts nothing (empty pseudo-label)
+    for _ in range(2):
+        total, terms = trainer.compute_losses(data, background_only, data_u, weight=1.0)
+        assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values()), terms
+    assert int(trainer.auxiliary["memory_bank"].module.count[1]) == 0  # no foreground ever entered the bank
+
+
+@pytest.mark.parametrize("cls", [diffcl.DiffCLTrainer_noHFMamba, diffcl.DiffCLTrainer_noContrastive,
+                                 diffcl.DiffCLTrainer_noDiffusion, diffcl.DiffCLTrainer_DDIM1])
+def test_each_variant_builds_and_takes_a_step(cls, dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    trainer = make_trainer(dataset_copy, cls)
+    batch = fixed_batch(trainer)
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(batch)
+    assert np.isfinite(out["loss"]) and set(out) >= TERMS
+    if cls is diffcl.DiffCLTrainer_noHFMamba:
+        assert len(trainer.network.hf_mamba) == 0
+    if cls is diffcl.DiffCLTrainer_noContrastive:
+        assert "projection_head" not in trainer.auxiliary and out["contrast"] == 0.0
+    if cls is diffcl.DiffCLTrainer_noDiffusion:
+        assert type(trainer.auxiliary["ds"].module) is type(trainer.network)
+    if cls is diffcl.DiffCLTrainer_DDIM1:
+        assert trainer.sampler.timesteps == [999]
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, queue) -> None:
+    """Two CPU ranks (gloo): each trains on its own batch; DDP must keep CS, DS, head and bank in sync."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tests.conftest import PlannedDataset, nnunet_env
+
+    dataset = PlannedDataset(__import__("pathlib").Path(root), {})
+    os.environ.update({k: v for k, v in nnunet_env(dataset.root).items() if k.startswith("nnUNet")})
+    torch.manual_seed(0)  # same initial weights on both ranks, as DDP's broadcast would make them
+    trainer = make_trainer(dataset, DiffCLTrainer_tiny)
+    batch = fixed_batch(trainer)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    trainer.network = DDP(trainer.network)
+    for aux in trainer.auxiliary.values():
+        if aux.optimizer is not None:
+            aux.module = DDP(aux.module)
+    trainer.is_ddp = True
+    trainer.loss = trainer._build_loss()  # as nnU-Net builds it under DDP (every output weighted)
+    torch.manual_seed(100 + rank)  # different noise, timesteps and data per rank
+    trainer.on_train_epoch_start()
+    for _ in range(2):  # a second step fails in DDP if a parameter went unused in the first
+        b = clone(batch)
+        b["data"] = b["data"] + 0.1 * rank
+        trainer.train_step(b)
+    digest = {name: float(sum(p.detach().double().sum() for p in m.parameters()))
+              for name, m in [("cs", trainer.network), ("ds", trainer.auxiliary["ds"].module),
+                              ("head", trainer.auxiliary["projection_head"].module)]}
+    bank = trainer.auxiliary["memory_bank"].module
+    queue.put((rank, digest, bank.count.tolist(), float(bank.features.double().sum())))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_logic_on_two_cpu_processes(dataset_copy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    processes = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(dataset_copy.root), queue)) for r in (0, 1)]
+    for p in processes:
+        p.start()
+    results = sorted(queue.get(timeout=600) for _ in processes)
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (_, digest0, count0, bank0), (_, digest1, count1, bank1) = results
+    for name in digest0:
+        assert digest0[name] == pytest.approx(digest1[name], rel=1e-6), name  # gradients were averaged
+    assert count0 == count1 and bank0 == pytest.approx(bank1, rel=1e-6)  # the bank saw both ranks' samples
+
+
+def test_refuses_without_unlabeled_data(dataset_copy, in_process_env):
+    from nnunetv2_diffcl.data.unlabeled import UnlabeledDataError, manifest_file
+
+    in_process_env(dataset_copy)
+    os.remove(manifest_file(str(dataset_copy.preprocessed), "nnUNetPlans_3d_fullres"))
+    trainer = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    with pytest.raises(UnlabeledDataError, match="nnUNetv2_diffcl preprocess_unlabeled -d 991"):
+        trainer.get_dataloaders()
+
+
+def test_train_predict_resume_with_nnunet_commands(dataset_copy):
+    env = {k: v for k, v in dataset_copy.env.items() if k != "nnUNet_extTrainer"}
+    train = [command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "DiffCLTrainer", "-device", "cpu"]
+    run_command(train, {**env, "nnUNet_diffcl_epochs": "1"})
+    fold = dataset_copy.results / "DiffCLTrainer__nnUNetPlans__3d_fullres" / "fold_all"
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert re.search(r"train terms: cs_sup [\d.]+, ds_sup [\d.]+, cs_pseudo [\d.]+, ds_pseudo [\d.]+, "
+                     r"contrast [\d.]+, agreement [\d.]+", log)
+    assert (fold / "progress.png").exists()
+    first = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert first[CHECKPOINT_KEY]["ssl_step"] == 2 and "hf_mamba.0.mamba_forward.A_log" in (
+        list(first["network_weights"]))
+
+    out = dataset_copy.root / "predictions"
+    run_command([command("nnUNetv2_predict"), "-i", str(dataset_copy.raw / "imagesTs"), "-o", str(out), "-d",
+                 str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", "DiffCLTrainer", "-device", "cpu",
+                 "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "syn_006.nii.gz")))
+    assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1}
+
+    run_command(train + ["--c"], {**env, "nnUNet_diffcl_epochs": "2"})
+    resumed = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert resumed["current_epoch"] == 2 and resumed[CHECKPOINT_KEY]["ssl_step"] == 4
+    assert len(resumed["logging"]["train_agreement"]) == 2
+    assert torch.equal(resumed[CHECKPOINT_KEY]["networks"]["memory_bank"]["count"] > 0,
+                       torch.ones(2, dtype=torch.bool))
