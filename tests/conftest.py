@@ -38,8 +38,13 @@ def command(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def run_captured(args: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run and capture output as UTF-8 whatever the locale (nnU-Net prints UTF-8 progress bars)."""
+    return subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout, **kwargs)
+
+
 def run_command(args: list[str], env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_captured(args, timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")

@@ -14,7 +14,7 @@ import pytest
 
 from nnunetv2_diffcl import trainer_discovery
 from nnunetv2_diffcl.trainers import PLUGIN_TRAINERS
-from tests.conftest import command
+from tests.conftest import command, run_captured
 
 REPO = Path(__file__).resolve().parents[1]
 LOOKUP = ("import os\nfrom nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
@@ -31,8 +31,7 @@ def fresh_python(code: str, env_changes: dict[str, str | None]) -> subprocess.Co
         else:
             env[key] = value
     # run outside the source tree, so the package is imported through its installation
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=tempfile.gettempdir())
+    return run_captured([sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir())
 
 
 def test_register_appends_once_and_keeps_user_entries():
@@ -67,8 +66,8 @@ def test_user_setting_is_kept():
 
 
 def test_doctor_passes_in_a_fresh_shell():
-    result = subprocess.run([command("nnUNetv2_diffcl"), "doctor"], capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items() if k != trainer_discovery.ENV_VAR})
+    env = {k: v for k, v in os.environ.items() if k != trainer_discovery.ENV_VAR}
+    result = run_captured([command("nnUNetv2_diffcl"), "doctor"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "nnunetv2          2.8" in result.stdout and "torch" in result.stdout
     for cls in PLUGIN_TRAINERS:
@@ -78,8 +77,7 @@ def test_doctor_passes_in_a_fresh_shell():
 def test_doctor_fails_with_instructions_when_not_registered():
     env = {k: v for k, v in os.environ.items() if k != trainer_discovery.ENV_VAR}
     env["nnUNet_diffcl_no_autoregister"] = "1"
-    result = subprocess.run([command("nnUNetv2_diffcl"), "doctor"], capture_output=True, text=True, timeout=300,
-                            env=env)
+    result = run_captured([command("nnUNetv2_diffcl"), "doctor"], env=env)
     assert result.returncode == 1
     assert "NOT found" in result.stdout and f"export {trainer_discovery.ENV_VAR}=" in result.stdout
 
@@ -111,9 +109,8 @@ def test_plain_install_registers_on_startup(wheel, tmp_path):
             "print('VAR', os.environ.get('nnUNet_extTrainer'))\nprint('PKG', nnunetv2_diffcl.__file__)\n")
     # -S: the test environment's own site-packages (with its editable install) is not processed
     # and the working directory (first on sys.path with -c) is not the source tree
-    result = subprocess.run([sys.executable, "-S", "-c", code, str(target)], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path,
-                            env={k: v for k, v in os.environ.items() if k != trainer_discovery.ENV_VAR})
+    result = run_captured([sys.executable, "-S", "-c", code, str(target)], cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != trainer_discovery.ENV_VAR})
     assert result.returncode == 0, result.stderr
     assert f"VAR {target / 'nnunetv2_diffcl' / 'ext_trainers'}" in result.stdout
     assert f"PKG {target / 'nnunetv2_diffcl' / '__init__.py'}" in result.stdout
