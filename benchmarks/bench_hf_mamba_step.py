@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import time
 
 import numpy as np
 import torch
+from _measure import peak_rss_mib
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -106,22 +106,6 @@ class Stepper:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory.
-
-    VmHWM where there is /proc: ru_maxrss survives exec on Linux, so a child started by a big
-    parent would report the parent's peak instead of its own.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_child(kind: str, patch: int, stages: int, steps: int) -> None:

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthetic": ("nnunetv2_diffcl.datasets.synthetic_command",
                   "write the synthetic demo dataset into nnUNet_raw"),
     "demo": ("nnunetv2_diffcl.demo", "run the whole workflow on synthetic data (CPU, a few minutes)"),
+    "predict_ensemble": ("nnunetv2_diffcl.ensemble",
+                         "predict with Diff-CL's DS + CS ensemble (optional; nnUNetv2_predict runs CS alone)"),
     "evaluate": ("nnunetv2_diffcl.evaluation.evaluate",
                  "Dice, Jaccard, HD95 and ASD (mm and voxels) of a prediction folder against references"),
     "convert_la": ("nnunetv2_diffcl.datasets.converters.la",

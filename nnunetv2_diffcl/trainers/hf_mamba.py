@@ -6,11 +6,13 @@ shares. Everything except the network is nnU-Net's ``nnUNetTrainer``.
 
 from __future__ import annotations
 
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunetv2_diffcl.network_architectures.cnn_branch import build_hf_mamba_network
+from nnunetv2_diffcl.trainers.semi_supervised import apply_schedule_overrides
 
 
 class HFMambaTrainer(nnUNetTrainer):
@@ -23,6 +25,11 @@ class HFMambaTrainer(nnUNetTrainer):
 
     hf_mamba_stages: int = 1
     hf_cutoff_ratio: float = 0.25
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule_overrides(self)  # nnUNet_diffcl_epochs etc., as for every plugin trainer
 
     @classmethod
     def build_network_architecture(

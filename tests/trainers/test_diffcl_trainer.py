@@ -230,6 +230,13 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "syn_006.nii.gz")))
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1}
 
+    # the optional DS + CS ensemble, through nnU-Net's predictor
+    ensemble = dataset_copy.root / "ensemble"
+    run_command([command("nnUNetv2_diffcl"), "predict_ensemble", "-i", str(dataset_copy.raw / "imagesTs"), "-o",
+                 str(ensemble), "-d", str(DATASET_ID), "-device", "cpu", "--disable_tta", "--ddim_steps", "2"], env)
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(ensemble / "syn_006.nii.gz")))
+    assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1}
+
     run_command(train + ["--c"], {**env, "nnUNet_diffcl_epochs": "2"})
     resumed = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert resumed["current_epoch"] == 2 and resumed[CHECKPOINT_KEY]["ssl_step"] == 4

@@ -100,3 +100,24 @@ def test_train_step_and_predict_checkpoint(trainer: HFMambaTrainer) -> None:
     predictor_net.eval()
     with torch.no_grad():
         torch.testing.assert_close(predictor_net(data), trainer.network(data), rtol=0, atol=0)
+
+
+def test_real_nnunet_train_and_predict(dataset_copy) -> None:
+    """nnUNetv2_train -tr HFMambaTrainer and nnUNetv2_predict, as subprocesses, on the CPU."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from tests.conftest import DATASET_ID, command, run_command
+
+    env = dataset_copy.env
+    run_command([command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", "HFMambaTrainer",
+                 "-device", "cpu"], {**env, "nnUNet_diffcl_epochs": "1"})
+    fold = dataset_copy.results / "HFMambaTrainer__nnUNetPlans__3d_fullres" / "fold_all"
+    weights = torch.load(fold / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert any(k.startswith("hf_mamba.0.mamba_forward.") for k in weights)
+    out = dataset_copy.root / "predictions"
+    run_command([command("nnUNetv2_predict"), "-i", str(dataset_copy.raw / "imagesTs"), "-o", str(out), "-d",
+                 str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", "HFMambaTrainer", "-device", "cpu",
+                 "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "syn_007.nii.gz")))
+    assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1}

@@ -1,0 +1,117 @@
+"""``nnUNetv2_diffcl predict_ensemble``: predict with Diff-CL's DS + CS ensemble (optional, never the default).
+
+``nnUNetv2_predict -tr DiffCLTrainer`` runs CS alone, as any nnU-Net model. This command runs nnU-Net's
+own predictor (preprocessing, sliding window, mirroring, export) on a network that averages CS's
+softmax with the softmax of DS's DDIM-sampled clean-label logits. Each fold's checkpoint supplies both
+networks (``network_weights`` for CS, the ``semi_supervised`` entry for DS), so folds ensemble as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nnunetv2_diffcl.diffusion import DDIMSampler, NoiseSchedule
+
+
+class DSCSEnsemble(nn.Module):
+    """log of the mean of CS's and DS's class probabilities (nnU-Net applies softmax to the output)."""
+
+    def __init__(self, cs: nn.Module, ds: nn.Module, sampler: DDIMSampler, num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        self.cs = cs
+        self.ds = ds
+        self.sampler = sampler
+        self.num_classes = num_classes
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cs = self.cs(x)
+        cs = cs[0] if isinstance(cs, list) else cs
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)  # same noise for every patch
+        ds = self.sampler.sample(lambda image, x_t, t: self.ds(image, x_t, t), x, self.num_classes, generator)
+        probabilities = (torch.softmax(cs.float(), 1) + torch.softmax(ds.float(), 1)) / 2
+        return torch.log(probabilities.clamp_min(1e-8))
+
+
+def ensemble_parameters(checkpoints: list[dict]) -> list[dict]:
+    """Per fold, one state dict for DSCSEnsemble (``cs.*`` and ``ds.*`` keys)."""
+    combined = []
+    for checkpoint in checkpoints:
+        state = checkpoint.get("semi_supervised", {}).get("networks", {})
+        if "ds" not in state:
+            raise ValueError(f"checkpoint of {checkpoint.get('trainer_name')} holds no diffusion branch (DS): "
+                             "the ensemble needs a DiffCLTrainer checkpoint")
+        combined.append({**{f"cs.{k}": v for k, v in checkpoint["network_weights"].items()},
+                         **{f"ds.{k}": v for k, v in state["ds"].items()}})
+    return combined
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", required=True, help="input folder (nnU-Net naming, as for nnUNetv2_predict)")
+    parser.add_argument("-o", required=True, help="output folder")
+    parser.add_argument("-d", required=True, help="dataset id or name")
+    parser.add_argument("-c", default="3d_fullres", help="configuration")
+    parser.add_argument("-f", nargs="+", default=["all"], help="folds (default: all)")
+    parser.add_argument("-tr", default="DiffCLTrainer", help="trainer (a DiffCLTrainer or a subclass with DS)")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name")
+    parser.add_argument("--ddim_steps", type=int, default=None, help="DDIM steps for DS (default: the trainer's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of DS's sampling noise")
+    parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    parser.add_argument("-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-npp", type=int, default=1, help="preprocessing processes")
+    parser.add_argument("-nps", type=int, default=1, help="export processes")
+
+
+def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print):
+    """nnU-Net's predictor for the trained model, with its network replaced by the ensemble."""
+    from os.path import join
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    from nnunetv2_diffcl.network_architectures.denoiser import build_denoiser
+    from nnunetv2_diffcl.trainers.diffcl import DiffCLTrainer, DiffCLTrainer_noDiffusion
+
+    trainer_class = recursive_find_trainer_class_by_name(args.tr)
+    if not issubclass(trainer_class, DiffCLTrainer) or issubclass(trainer_class, DiffCLTrainer_noDiffusion):
+        raise ValueError(f"{args.tr} has no diffusion branch; the ensemble needs DiffCLTrainer or a variant with DS")
+    device = torch.device(args.device)
+    predictor = nnUNetPredictor(use_mirroring=not args.disable_tta, device=device,
+                                perform_everything_on_device=device.type == "cuda", allow_tqdm=False)
+    folds = [f if f == "all" else int(f) for f in args.f]
+    model = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+    predictor.initialize_from_trained_model_folder(model, folds, args.chk)
+    checkpoints = [torch.load(join(model, f"fold_{f}", args.chk), map_location="cpu", weights_only=False)
+                   for f in folds]
+    num_classes = predictor.label_manager.num_segmentation_heads
+    ds = build_denoiser(predictor.plans_manager, predictor.configuration_manager,
+                        determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
+                                                     predictor.dataset_json), num_classes,
+                        enable_deep_supervision=False)
+    steps = args.ddim_steps or trainer_class.ddim_steps
+    schedule = NoiseSchedule(trainer_class.diffusion_timesteps, trainer_class.noise_schedule).to(device)
+    predictor.network = DSCSEnsemble(predictor.network, ds, DDIMSampler(schedule, steps), num_classes, args.seed)
+    predictor.list_of_parameters = ensemble_parameters(checkpoints)
+    predictor.network.load_state_dict(predictor.list_of_parameters[0])
+    log(f"DS + CS ensemble of {args.tr} (folds {args.f}, DS with {steps} DDIM steps)")
+    return predictor
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        predictor = build_predictor(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)
+    return 0
