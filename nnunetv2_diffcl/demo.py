@@ -24,14 +24,14 @@ from pathlib import Path
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_DiffCLSynthetic"
 MARKER = ".nnunetv2_diffcl_demo"
-DEFAULT_TRAINERS = ["LabeledOnlyTrainer", "CPSTrainer"]
+DEFAULT_TRAINERS = ["LabeledOnlyTrainer", "DiffCLTrainer"]  # add CPSTrainer with --trainers (+2.5 min)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="diffcl_demo", help="working folder (default ./diffcl_demo)")
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS, help="trainers to compare")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=8, help="training iterations per epoch")
     parser.add_argument("--labeled", type=int, default=4)
     parser.add_argument("--unlabeled", type=int, default=16)
     parser.add_argument("--test", type=int, default=6)

@@ -4,7 +4,6 @@ Useful on its own (supervised baseline with HF-Mamba) and as the CS builder the 
 shares. Everything except the network is nnU-Net's ``nnUNetTrainer``.
 """
 
-from __future__ import annotations
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer

@@ -15,6 +15,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_diffcl.network_architectures.cnn_branch import HFMambaUNet, build_hf_mamba_network
 from nnunetv2_diffcl.network_architectures.hf_mamba import HFMamba
+from tests.network_architectures.plans import PLAIN, RESENC
+from tests.network_architectures.plans import make_configuration as make_configuration_for
+from tests.network_architectures.plans import make_plans as plans_with
 
 DATASET_JSON = {
     "channel_names": {"0": "MRI"},
@@ -23,78 +26,18 @@ DATASET_JSON = {
     "file_ending": ".nii.gz",
 }
 NUM_CLASSES = 3
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
-
-
 def make_configuration(dim: int, arch: str = PLAIN) -> dict:
     """A planned configuration as nnU-Net writes it: 3D 32^3 (4 stages), 2D 64^2 (5 stages)."""
     if dim == 3:
-        patch, n_stages, features = [32, 32, 32], 4, [8, 16, 32, 48]
-    else:
-        patch, n_stages, features = [64, 64], 5, [8, 16, 32, 48, 48]
-    strides = [[1] * dim] + [[2] * dim] * (n_stages - 1)
-    arch_kwargs = {
-        "n_stages": n_stages,
-        "features_per_stage": features,
-        "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-        "kernel_sizes": [[3] * dim] * n_stages,
-        "strides": strides,
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-    if arch == PLAIN:
-        arch_kwargs["n_conv_per_stage"] = [2] * n_stages
-    else:
-        arch_kwargs["n_blocks_per_stage"] = [1, 2, 2, 2, 2][:n_stages]
-    return {
-        "data_identifier": f"nnUNetPlans_{dim}d",
-        "preprocessor_name": "DefaultPreprocessor",
-        "batch_size": 2,
-        "patch_size": patch,
-        "median_image_size_in_voxels": [40] * dim,
-        "spacing": [1.0] * dim,
-        "normalization_schemes": ["ZScoreNormalization"],
-        "use_mask_for_norm": [False],
-        "resampling_fn_data": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                               "force_separate_z": None},
-        "architecture": {
-            "network_class_name": arch, "arch_kwargs": arch_kwargs, "_kw_requires_import": REQ_IMPORT
-        },
-        "batch_dice": False,
-    }
+        return make_configuration_for(3, arch, [8, 16, 32, 48], [32, 32, 32], blocks_per_stage=[1, 2, 2, 2])
+    return make_configuration_for(2, arch, [8, 16, 32, 48, 48], [64, 64], blocks_per_stage=[1, 2, 2, 2, 2])
 
 
 def make_plans(arch: str = PLAIN) -> dict:
     """Plans with a 2d and a 3d_fullres configuration of the given architecture."""
-    return {
-        "dataset_name": "Dataset991_DiffCLSynthetic",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [40, 40, 40],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {"2d": make_configuration(2, arch), "3d_fullres": make_configuration(3, arch)},
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {"max": 5.0, "mean": 0.0, "median": 0.0, "min": -5.0, "percentile_00_5": -3.0,
-                  "percentile_99_5": 3.0, "std": 1.0}
-        },
-    }
+    return plans_with({"2d": make_configuration(2, arch), "3d_fullres": make_configuration(3, arch)}, {
+        "0": {"max": 5.0, "mean": 0.0, "median": 0.0, "min": -5.0, "percentile_00_5": -3.0,
+              "percentile_99_5": 3.0, "std": 1.0}})
 
 
 def managers(dim: int, arch: str = PLAIN) -> tuple[PlansManager, ConfigurationManager]:

@@ -20,72 +20,21 @@ from nnunetv2_diffcl.network_architectures.denoiser import (
     TimeConditionedDenoiser,
     build_denoiser,
 )
+from tests.network_architectures.plans import PLAIN, RESENC
+from tests.network_architectures.plans import make_configuration as make_configuration_for
+from tests.network_architectures.plans import make_plans as plans_with
 
 NUM_CLASSES = 3
 IMAGE_CHANNELS = 2
 FEATURES = [8, 16, 32]
-PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
-
-
 def make_configuration(dim: int, arch: str) -> dict:
     """A 3-stage planned configuration: 2D 32^2 or 3D 16^3."""
-    n_stages = len(FEATURES)
-    arch_kwargs = {
-        "n_stages": n_stages,
-        "features_per_stage": FEATURES,
-        "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
-        "kernel_sizes": [[3] * dim] * n_stages,
-        "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
-        "conv_bias": True,
-        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    }
-    if arch == PLAIN:
-        arch_kwargs["n_conv_per_stage"] = [2] * n_stages
-    else:
-        arch_kwargs["n_blocks_per_stage"] = [1, 2, 2]
-    return {
-        "data_identifier": f"nnUNetPlans_{dim}d",
-        "preprocessor_name": "DefaultPreprocessor",
-        "batch_size": 2,
-        "patch_size": [32, 32] if dim == 2 else [16, 16, 16],
-        "median_image_size_in_voxels": [40] * dim,
-        "spacing": [1.0] * dim,
-        "normalization_schemes": ["ZScoreNormalization"] * IMAGE_CHANNELS,
-        "use_mask_for_norm": [False] * IMAGE_CHANNELS,
-        "resampling_fn_data": "resample_data_or_seg_to_shape",
-        "resampling_fn_seg": "resample_data_or_seg_to_shape",
-        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-        "architecture": {"network_class_name": arch, "arch_kwargs": arch_kwargs, "_kw_requires_import": REQ_IMPORT},
-        "batch_dice": False,
-    }
+    patch = [32, 32] if dim == 2 else [16, 16, 16]
+    return make_configuration_for(dim, arch, FEATURES, patch, IMAGE_CHANNELS, blocks_per_stage=[1, 2, 2])
 
 
 def managers(dim: int, arch: str = PLAIN) -> tuple[PlansManager, ConfigurationManager]:
-    plans = {
-        "dataset_name": "Dataset991_DiffCLSynthetic",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [40, 40, 40],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {"2d": make_configuration(2, arch), "3d_fullres": make_configuration(3, arch)},
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
-    }
-    pm = PlansManager(plans)
+    pm = PlansManager(plans_with({"2d": make_configuration(2, arch), "3d_fullres": make_configuration(3, arch)}))
     return pm, pm.get_configuration("3d_fullres" if dim == 3 else "2d")
 
 
