@@ -22,6 +22,21 @@ from nnunetv2_diffcl.network_architectures.hf_mamba import HFMamba
 NetworkOutput = torch.Tensor | list[torch.Tensor]
 
 
+def encoder_and_decoder(planned_network: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The encoder (with ``stages`` and ``output_channels``) and the decoder of a planned U-Net.
+
+    The networks nnU-Net plans (dynamic_network_architectures' U-Nets) have this shape; the plugin's
+    networks reuse these parts, so anything else is refused with a TypeError.
+    """
+    encoder = getattr(planned_network, "encoder", None)
+    decoder = getattr(planned_network, "decoder", None)
+    if encoder is None or decoder is None or not hasattr(encoder, "output_channels") or not hasattr(encoder, "stages"):
+        raise TypeError(
+            f"{type(planned_network).__name__} is not an encoder/decoder U-Net from dynamic_network_architectures"
+        )
+    return encoder, decoder
+
+
 class HFMambaUNet(nn.Module):
     """Planned encoder-decoder U-Net with HF-Mamba applied to the ``hf_mamba_stages`` deepest skips.
 
@@ -42,13 +57,7 @@ class HFMambaUNet(nn.Module):
         expand: int = 2,
     ) -> None:
         super().__init__()
-        encoder = getattr(planned_network, "encoder", None)
-        decoder = getattr(planned_network, "decoder", None)
-        if encoder is None or decoder is None or not hasattr(encoder, "output_channels"):
-            raise TypeError(
-                f"{type(planned_network).__name__} is not an encoder/decoder U-Net "
-                "from dynamic_network_architectures"
-            )
+        encoder, decoder = encoder_and_decoder(planned_network)
         channels: Sequence[int] = list(encoder.output_channels)
         if not 0 <= hf_mamba_stages <= min(2, len(channels)):
             raise ValueError(

@@ -19,6 +19,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import Tensor, nn
 
+from nnunetv2_diffcl.network_architectures.cnn_branch import encoder_and_decoder
+
 NetworkOutput = Tensor | list[Tensor]
 
 
@@ -95,12 +97,7 @@ class TimeConditionedDenoiser(nn.Module):
         sinusoidal_dim: int | None = None,
     ) -> None:
         super().__init__()
-        encoder = getattr(planned_network, "encoder", None)
-        decoder = getattr(planned_network, "decoder", None)
-        if encoder is None or decoder is None or not hasattr(encoder, "stages"):
-            raise TypeError(
-                f"{type(planned_network).__name__} is not an encoder/decoder U-Net from dynamic_network_architectures"
-            )
+        encoder, decoder = encoder_and_decoder(planned_network)
         channels = [int(c) for c in encoder.output_channels]
         if len(channels) != len(encoder.stages):
             raise TypeError("encoder.output_channels must list one feature count per encoder stage")
