@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nnunetv2_diffcl.demo", "run the whole workflow on synthetic data (CPU, a few minutes)"),
     "predict_ensemble": ("nnunetv2_diffcl.ensemble",
                          "predict with Diff-CL's DS + CS ensemble (optional; nnUNetv2_predict runs CS alone)"),
+    "benchmark": ("nnunetv2_diffcl.benchmark",
+                  "train, predict and evaluate several trainers with one schedule; table, JSON and bar plot"),
     "evaluate": ("nnunetv2_diffcl.evaluation.evaluate",
                  "Dice, Jaccard, HD95 and ASD (mm and voxels) of a prediction folder against references"),
     "convert_la": ("nnunetv2_diffcl.datasets.converters.la",

@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nnunetv2_diffcl.benchmark import Workflow, format_table, run_trainers, tool
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_DiffCLSynthetic"
@@ -38,38 +39,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="volume size of the cases")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-
-
-class Workflow:
-    """Runs steps as subprocesses, logs each to its own file, prints one progress line per step."""
-
-    def __init__(self, out: Path, env: dict) -> None:
-        self.out = out
-        self.env = env
-        self.logs = out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.start = time.time()
-
-    def say(self, message: str) -> None:
-        elapsed = int(time.time() - self.start)
-        print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {message}", flush=True)
-
-    def run(self, name: str, args: list[str], env: dict | None = None) -> float:
-        self.say(f"{name}: {' '.join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args))}")
-        started = time.time()
-        log = self.logs / f"{name}.log"
-        with open(log, "w") as f:
-            result = subprocess.run(args, env=env or self.env, stdout=f, stderr=subprocess.STDOUT)
-        if result.returncode != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
-            raise RuntimeError(f"step '{name}' failed (exit {result.returncode}); last lines of {log}:\n{tail}")
-        return time.time() - started
-
-
-def _tool(name: str) -> str:
-    """Console scripts of the environment running the demo."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
 
 
 def prepare_folder(out: Path) -> None:
@@ -121,17 +90,8 @@ def write_overlays(out: Path, raw: Path, predictions: dict[str, Path], case: str
     return path
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| trainer | Dice (mean ± sd) | HD95 mm (mean) | train time |", "|---|---|---|---|"]
-    for r in rows:
-        hd = "n/a" if r["hd95_mm"] is None else f"{r['hd95_mm']:.2f}"
-        lines.append(f"| {r['trainer']} | {r['dice']:.4f} ± {r['dice_sd']:.4f} | {hd} | {r['train_seconds']:.0f} s |")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, write_synthetic_dataset
-    from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
 
     out = Path(args.out).resolve()
     try:
@@ -154,26 +114,13 @@ def run(args: argparse.Namespace) -> int:
                                 num_unlabeled=args.unlabeled, num_test=args.test, seed=args.seed,
                                 config=SyntheticConfig(shape=tuple(args.shape)))
         raw = out / "nnUNet_raw" / DATASET_NAME
-        flow.run("plan_and_preprocess", [_tool("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c",
+        flow.run("plan_and_preprocess", [tool("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c",
                                          "3d_fullres", "-np", "2", "-npfp", "2"], planning_env)
-        flow.run("preprocess_unlabeled", [_tool("nnUNetv2_diffcl"), "preprocess_unlabeled", "-d", str(DATASET_ID),
+        flow.run("preprocess_unlabeled", [tool("nnUNetv2_diffcl"), "preprocess_unlabeled", "-d", str(DATASET_ID),
                                           "-np", "2"])
-        rows, predictions = [], {}
-        for trainer in args.trainers:
-            seconds = flow.run(f"train_{trainer}", [_tool("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all",
-                                                    "-tr", trainer, "-device", args.device], training_env)
-            predictions[trainer] = out / "predictions" / trainer
-            flow.run(f"predict_{trainer}", [_tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o",
-                                            str(predictions[trainer]), "-d", str(DATASET_ID), "-c", "3d_fullres",
-                                            "-f", "all", "-tr", trainer, "-device", args.device, "-npp", "1",
-                                            "-nps", "1"])
-            summary = evaluate_folders(raw / "labelsTs", predictions[trainer],
-                                       output_file=predictions[trainer] / "summary.json", labels=[1])
-            stats = summary["mean_over_classes"]
-            rows.append({"trainer": trainer, "dice": stats["dice"]["mean"], "dice_sd": stats["dice"]["std"],
-                         "hd95_mm": stats["hd95_mm"]["mean"], "train_seconds": seconds,
-                         "per_case_dice": {c["case"]: c["metrics"]["1"]["dice"] for c in summary["per_case"]}})
-            flow.say(f"{trainer}: test Dice {rows[-1]['dice']:.4f}")
+        rows = run_trainers(flow, DATASET_NAME, args.trainers, "3d_fullres", args.device, out / "predictions",
+                            training_env)
+        predictions = {r["trainer"]: out / "predictions" / r["trainer"] for r in rows}
         case = sorted(rows[0]["per_case_dice"])[0]
         overlay = write_overlays(out, raw, predictions, case)
     except RuntimeError as e:

@@ -1,0 +1,188 @@
+"""``nnUNetv2_diffcl benchmark``: train, predict and evaluate a list of trainers with one schedule.
+
+For a dataset in the plugin's layout (imagesTr/labelsTr, imagesTu, imagesTs + labelsTs), fold
+``all``: each trainer is trained with ``nnUNetv2_train`` (a trainer whose ``checkpoint_final.pth``
+exists is not retrained), predicts ``imagesTs`` with ``nnUNetv2_predict`` and is evaluated against
+``labelsTs`` (Dice, Jaccard, HD95, ASD; mm and voxels). Writes ``benchmark.md`` (table),
+``benchmark.json`` and ``benchmark.png`` (bar plot) into the output folder. The demo runs the same
+steps through :func:`run_trainers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TRAINERS = ["LabeledOnlyTrainer", "CPSTrainer", "DiffCLTrainer"]
+METRICS = [("dice", "Dice", 1.0), ("jaccard", "Jaccard", 1.0), ("hd95_mm", "HD95 mm", 1.0),
+           ("asd_mm", "ASD mm", 1.0), ("hd95_vox", "HD95 vox", 1.0), ("asd_vox", "ASD vox", 1.0)]
+
+
+class Workflow:
+    """Runs steps as subprocesses, logs each to its own file, prints one progress line per step."""
+
+    def __init__(self, out: Path, env: dict) -> None:
+        self.out = out
+        self.env = env
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.start = time.time()
+
+    def say(self, message: str) -> None:
+        elapsed = int(time.time() - self.start)
+        print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {message}", flush=True)
+
+    def run(self, name: str, args: list[str], env: dict | None = None) -> float:
+        self.say(f"{name}: {' '.join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args))}")
+        started = time.time()
+        log = self.logs / f"{name}.log"
+        with open(log, "w") as f:
+            result = subprocess.run(args, env=env or self.env, stdout=f, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            raise RuntimeError(f"step '{name}' failed (exit {result.returncode}); last lines of {log}:\n{tail}")
+        return time.time() - started
+
+
+def tool(name: str) -> str:
+    """Console scripts of the environment running this command."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
+                 predictions_root: Path, training_env: dict, predict_args: list[str] | None = None) -> list[dict]:
+    """Train (unless finished), predict imagesTs and evaluate against labelsTs, for each trainer."""
+    from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
+
+    raw = Path(training_env["nnUNet_raw"]) / dataset_name
+    results = Path(training_env["nnUNet_results"]) / dataset_name
+    rows = []
+    for trainer in trainers:
+        final = results / f"{trainer}__nnUNetPlans__{configuration}" / "fold_all" / "checkpoint_final.pth"
+        if final.exists():
+            flow.say(f"{trainer}: {final} exists, not retrained")
+            seconds = None
+        else:
+            seconds = flow.run(f"train_{trainer}", [tool("nnUNetv2_train"), dataset_name, configuration, "all",
+                                                    "-tr", trainer, "-device", device], training_env)
+        out = predictions_root / trainer
+        flow.run(f"predict_{trainer}", [tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out),
+                                        "-d", dataset_name, "-c", configuration, "-f", "all", "-tr", trainer,
+                                        "-device", device, "-npp", "1", "-nps", "1", *(predict_args or [])])
+        summary = evaluate_folders(raw / "labelsTs", out, output_file=out / "summary.json")
+        stats = summary["mean_over_classes"]
+        rows.append({"trainer": trainer, "train_seconds": seconds, "n_cases": summary["n_cases_evaluated"],
+                     **{m: stats[m]["mean"] for m, _, _ in METRICS},
+                     **{f"{m}_sd": stats[m]["std"] for m, _, _ in METRICS},
+                     "per_case_dice": {c["case"]: c["metrics"] for c in summary["per_case"]}})
+        flow.say(f"{trainer}: test Dice {rows[-1]['dice']:.4f}")
+    return rows
+
+
+def _fmt(value: float | None, sd: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if sd is None else f"{value:.4f} ± {sd:.4f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| trainer | " + " | ".join(label for _, label, _ in METRICS) + " | train time |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    for r in rows:
+        cells = [_fmt(r[m], r[f"{m}_sd"]) for m, _, _ in METRICS]
+        train = "not retrained" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+        lines.append(f"| {r['trainer']} | " + " | ".join(cells) + f" | {train} |")
+    return "\n".join(lines)
+
+
+def bar_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["trainer"] for r in rows]
+    for ax, group in zip(axes, (["dice", "jaccard"], ["hd95_mm", "asd_mm"])):
+        width = 0.8 / len(group)
+        for i, metric in enumerate(group):
+            values = [r[metric] if r[metric] is not None else 0.0 for r in rows]
+            errors = [r[f"{metric}_sd"] or 0.0 for r in rows]
+            positions = [k + (i - (len(group) - 1) / 2) * width for k in range(len(rows))]
+            ax.bar(positions, values, width, yerr=errors, capsize=3, label=metric)
+        ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+        ax.legend()
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("overlap (higher is better)")
+    axes[1].set_title("surface distance in mm (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: float) -> str:
+    table = format_table(rows)
+    (out / "benchmark.json").write_text(json.dumps({"rows": rows, "settings": settings,
+                                                    "total_seconds": total_seconds}, indent=2, default=str))
+    (out / "benchmark.md").write_text(f"# nnUNetv2_diffcl benchmark\n\nSettings: {settings}\n\n{table}\n\n"
+                                      f"Total run time: {total_seconds:.0f} s\n")
+    bar_plot(rows, out / "benchmark.png")
+    return table
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", required=True, help="dataset id or name")
+    parser.add_argument("-c", default="3d_fullres", help="configuration")
+    parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
+    parser.add_argument("--epochs", type=int, default=None, help="nnUNet_diffcl_epochs for every trainer")
+    parser.add_argument("--iterations", type=int, default=None, help="nnUNet_diffcl_iterations for every trainer")
+    parser.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/diffcl_benchmark)")
+    parser.add_argument("-device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--disable_tta", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
+    if missing:
+        print(f"ERROR: set {', '.join(missing)} (see nnU-Net's documentation/setting_up_paths.md)", file=sys.stderr)
+        return 1
+    try:
+        dataset = maybe_convert_to_dataset_name(args.d)
+    except RuntimeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    raw = Path(os.environ["nnUNet_raw"]) / dataset
+    for sub in ("imagesTs", "labelsTs"):
+        if not (raw / sub).is_dir() or not any((raw / sub).iterdir()):
+            print(f"ERROR: {raw / sub} is missing or empty: the benchmark predicts imagesTs and evaluates against "
+                  f"labelsTs (the converters and `nnUNetv2_diffcl synthetic` write both)", file=sys.stderr)
+            return 1
+    out = Path(args.o) if args.o else Path(os.environ["nnUNet_results"]) / dataset / "diffcl_benchmark"
+    env = dict(os.environ)
+    if args.epochs:
+        env["nnUNet_diffcl_epochs"] = str(args.epochs)
+    if args.iterations:
+        env["nnUNet_diffcl_iterations"] = str(args.iterations)
+    flow = Workflow(out, env)
+    flow.say(f"benchmark of {', '.join(args.trainers)} on {dataset} ({args.c}, fold all) -> {out}")
+    try:
+        rows = run_trainers(flow, dataset, args.trainers, args.c, args.device, out / "predictions", env,
+                            ["--disable_tta"] if args.disable_tta else [])
+    except RuntimeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    settings = {"dataset": dataset, "configuration": args.c, "trainers": args.trainers,
+                "epochs": env.get("nnUNet_diffcl_epochs", "trainer default"),
+                "iterations": env.get("nnUNet_diffcl_iterations", "trainer default"), "device": args.device,
+                "tta": not args.disable_tta}
+    table = write_report(out, rows, settings, time.time() - flow.start)
+    print(f"\n{table}\n\nreport: {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
+    return 0

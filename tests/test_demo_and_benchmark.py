@@ -1,0 +1,73 @@
+"""The README's main job (the demo) and the benchmark command, end to end on a tiny schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CPU_ENV, command, run_captured
+
+TRAINERS = ["LabeledOnlyTrainer", "CPSTrainer"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update({k: v for k, v in CPU_ENV.items() if k == "OMP_NUM_THREADS"})
+    result = run_captured([command("nnUNetv2_diffcl"), "demo", "--out", str(out), "--epochs", "1", "--iterations",
+                           "1", "--labeled", "2", "--unlabeled", "2", "--test", "2", "--trainers", *TRAINERS],
+                          timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_demo_runs_the_workflow_and_prints_a_table(demo):
+    out, stdout = demo
+    assert "| trainer | Dice | Jaccard |" in stdout and "total time:" in stdout
+    for step in ("plan_and_preprocess", "preprocess_unlabeled", "train_CPSTrainer", "predict_LabeledOnlyTrainer"):
+        assert f"] {step}: " in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [r["trainer"] for r in results["rows"]] == TRAINERS
+    assert all(0.0 <= r["dice"] <= 1.0 and r["n_cases"] == 2 for r in results["rows"])
+    assert Path(results["overlay"]).stat().st_size > 10_000
+    # its own folders only
+    assert {p.name for p in (out / "nnUNet_raw").iterdir()} == {"Dataset990_DiffCLSynthetic"}
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("user data")
+    result = run_captured([command("nnUNetv2_diffcl"), "demo", "--out", str(tmp_path)], timeout=120)
+    assert result.returncode == 1 and "was not made by the demo" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "user data"
+
+
+def test_benchmark_reuses_finished_trainings_and_writes_its_report(demo, tmp_path):
+    out, _ = demo
+    env = {**os.environ, **CPU_ENV, "nnUNet_raw": str(out / "nnUNet_raw"),
+           "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"), "nnUNet_results": str(out / "nnUNet_results")}
+    report = tmp_path / "bench"
+    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", *TRAINERS,
+                           "-device", "cpu", "--disable_tta", "-o", str(report)], timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("exists, not retrained") == 2  # resumable: finished trainers are reused
+    data = json.loads((report / "benchmark.json").read_text())
+    assert [r["trainer"] for r in data["rows"]] == TRAINERS
+    for row in data["rows"]:
+        assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["jaccard"] <= row["dice"] + 1e-9
+    assert "| LabeledOnlyTrainer |" in (report / "benchmark.md").read_text()
+    assert (report / "benchmark.png").stat().st_size > 5_000
+
+
+def test_benchmark_needs_test_labels(demo, tmp_path):
+    out, _ = demo
+    raw = tmp_path / "raw"
+    (raw / "Dataset990_DiffCLSynthetic" / "imagesTs").mkdir(parents=True)
+    (raw / "Dataset990_DiffCLSynthetic" / "imagesTs" / "case_0000.nii.gz").write_bytes(b"")
+    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
+           "nnUNet_results": str(tmp_path / "results")}
+    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990"], timeout=120, env=env)
+    assert result.returncode == 1 and "labelsTs is missing or empty" in result.stderr
