@@ -44,7 +44,7 @@ class Workflow:
         with open(log, "w") as f:
             result = subprocess.run(args, env=env or self.env, stdout=f, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+            tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
             raise RuntimeError(f"step '{name}' failed (exit {result.returncode}); last lines of {log}:\n{tail}")
         return time.time() - started
 
@@ -131,7 +131,7 @@ def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: flo
     (out / "benchmark.json").write_text(json.dumps({"rows": rows, "settings": settings,
                                                     "total_seconds": total_seconds}, indent=2, default=str))
     (out / "benchmark.md").write_text(f"# nnUNetv2_diffcl benchmark\n\nSettings: {settings}\n\n{table}\n\n"
-                                      f"Total run time: {total_seconds:.0f} s\n")
+                                      f"Total run time: {total_seconds:.0f} s\n", encoding="utf-8")
     bar_plot(rows, out / "benchmark.png")
     return table
 

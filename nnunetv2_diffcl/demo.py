@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     total = time.time() - flow.start
     results = {"rows": rows, "total_seconds": total, "settings": vars(args), "overlay": str(overlay)}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "results.md").write_text(f"# nnUNetv2_diffcl demo\n\n{table}\n\nTotal run time: {total:.0f} s\n")
+    (out / "results.md").write_text(f"# nnUNetv2_diffcl demo\n\n{table}\n\nTotal run time: {total:.0f} s\n",
+                                   encoding="utf-8")
     print(f"\nTest-set Dice ({args.test} synthetic cases, {args.labeled} labeled + {args.unlabeled} unlabeled "
           f"for training):\n\n{table}\n")
     print(f"overlays: {overlay}\nresults:  {out / 'results.md'}\ntotal time: {total / 60:.1f} min")

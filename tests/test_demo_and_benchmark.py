@@ -58,7 +58,7 @@ def test_benchmark_reuses_finished_trainings_and_writes_its_report(demo, tmp_pat
     assert [r["trainer"] for r in data["rows"]] == TRAINERS
     for row in data["rows"]:
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["jaccard"] <= row["dice"] + 1e-9
-    assert "| LabeledOnlyTrainer |" in (report / "benchmark.md").read_text()
+    assert "| LabeledOnlyTrainer |" in (report / "benchmark.md").read_text(encoding="utf-8")
     assert (report / "benchmark.png").stat().st_size > 5_000
 
 
