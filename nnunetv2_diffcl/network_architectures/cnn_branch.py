@@ -37,6 +37,28 @@ def encoder_and_decoder(planned_network: nn.Module) -> tuple[nn.Module, nn.Modul
     return encoder, decoder
 
 
+def forward_capturing_features(network: nn.Module, decoder: nn.Module, x: torch.Tensor
+                               ) -> tuple[NetworkOutput, torch.Tensor]:
+    """``network(x)`` plus the input of ``decoder``'s last segmentation layer (highest resolution).
+
+    The features are captured by a hook, so the decoder's own forward (deep supervision included)
+    runs unchanged; ``network`` is called itself, so a DDP wrapper keeps its gradient synchronisation.
+    """
+    captured: list[torch.Tensor] = []
+
+    def grab(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(inputs[0])
+
+    handle = decoder.seg_layers[-1].register_forward_pre_hook(grab)
+    try:
+        out = network(x)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the last segmentation layer ran {len(captured)} times instead of once")
+    return out, captured[0]
+
+
 class HFMambaUNet(nn.Module):
     """Planned encoder-decoder U-Net with HF-Mamba applied to the ``hf_mamba_stages`` deepest skips.
 
@@ -85,24 +107,8 @@ class HFMambaUNet(nn.Module):
         return self.decoder(self._skips(x))
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[NetworkOutput, torch.Tensor]:
-        """Output plus the highest-resolution decoder features (input of the final 1x1 seg conv).
-
-        The features are captured by a hook on the decoder's last segmentation layer, so the
-        decoder's own forward (deep supervision included) runs unchanged.
-        """
-        captured: list[torch.Tensor] = []
-
-        def grab(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            captured.append(inputs[0])
-
-        handle = self.decoder.seg_layers[-1].register_forward_pre_hook(grab)
-        try:
-            out = self.forward(x)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"the last segmentation layer ran {len(captured)} times instead of once")
-        return out, captured[0]
+        """Output plus the highest-resolution decoder features (input of the final 1x1 seg conv)."""
+        return forward_capturing_features(self, self.decoder, x)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """nnU-Net's VRAM estimate of the planned network (HF-Mamba at the bottleneck adds little)."""

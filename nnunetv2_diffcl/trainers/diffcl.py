@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from nnunetv2_diffcl.diffusion import (
     DDIMSampler,
@@ -46,25 +45,10 @@ from nnunetv2_diffcl.losses.contrastive import (
     supervised_infonce,
 )
 from nnunetv2_diffcl.losses.pseudo_labels import hard_pseudo_label, split_batch, targets_like
+from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
 from nnunetv2_diffcl.network_architectures.denoiser import build_denoiser
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.semi_supervised import AuxiliaryNetwork, SemiSupervisedTrainer
-
-
-def forward_capturing_features(network: nn.Module, decoder: nn.Module, x: torch.Tensor
-                               ) -> tuple[Any, torch.Tensor]:
-    """``network(x)`` plus the input of the decoder's last segmentation layer (highest resolution).
-
-    Calls ``network`` itself (a DDP wrapper included), so gradient synchronisation stays intact.
-    """
-    captured: list[torch.Tensor] = []
-    handle = decoder.seg_layers[-1].register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
-    try:
-        out = network(x)
-    finally:
-        handle.remove()
-    assert len(captured) == 1, f"the last segmentation layer ran {len(captured)} times instead of once"
-    return out, captured[0]
 
 
 class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
