@@ -55,34 +55,82 @@ def tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+SCHEDULE_VARIABLES = {"epochs": "nnUNet_diffcl_epochs", "iterations": "nnUNet_diffcl_iterations",
+                      "val_iterations": "nnUNet_diffcl_val_iterations"}
+RUN_RECORD = "diffcl_benchmark_run.json"  # beside checkpoint_final.pth: the schedule it was trained with
+
+
+def schedule_of(env: dict) -> dict:
+    """The schedule a training run gets from the environment (None: the trainer's own default)."""
+    return {key: env.get(var) for key, var in SCHEDULE_VARIABLES.items()}
+
+
+def check_finished_run(fold_dir: Path, schedule: dict) -> float | None:
+    """Training time of a finished run that may be reused; an error if it was trained with another schedule."""
+    record = fold_dir / RUN_RECORD
+    if not record.exists():
+        return None  # trained outside the benchmark (e.g. by hand): its schedule is the user's business
+    recorded = json.loads(record.read_text(encoding="utf-8"))
+    if recorded["schedule"] != schedule:
+        raise RuntimeError(f"{fold_dir} was trained with schedule {recorded['schedule']}, but this benchmark asks for "
+                           f"{schedule}; rerun with the same --epochs/--iterations/--val-iterations, or delete "
+                           f"{fold_dir.parent} to retrain it")
+    return recorded["train_seconds"]
+
+
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
-                 predictions_root: Path, training_env: dict, predict_args: list[str] | None = None) -> list[dict]:
+                 predictions_root: Path, training_env: dict, predict_args: list[str] | None = None,
+                 step_suffix: str = "") -> list[dict]:
     """Train (unless finished), predict imagesTs and evaluate against labelsTs, for each trainer."""
     from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
+    from nnunetv2_diffcl.file_io import write_json_atomic
 
     raw = Path(training_env["nnUNet_raw"]) / dataset_name
     results = Path(training_env["nnUNet_results"]) / dataset_name
+    schedule = schedule_of(training_env)
     rows = []
     for trainer in trainers:
-        final = results / f"{trainer}__nnUNetPlans__{configuration}" / "fold_all" / "checkpoint_final.pth"
-        if final.exists():
-            flow.say(f"{trainer}: {final} exists, not retrained")
-            seconds = None
+        fold_dir = results / f"{trainer}__nnUNetPlans__{configuration}" / "fold_all"
+        if (fold_dir / "checkpoint_final.pth").exists():
+            seconds = check_finished_run(fold_dir, schedule)
+            flow.say(f"{trainer}{step_suffix}: {fold_dir / 'checkpoint_final.pth'} exists, not retrained")
         else:
-            seconds = flow.run(f"train_{trainer}", [tool("nnUNetv2_train"), dataset_name, configuration, "all",
-                                                    "-tr", trainer, "-device", device], training_env)
+            seconds = flow.run(f"train_{trainer}{step_suffix}", [
+                tool("nnUNetv2_train"), dataset_name, configuration, "all", "-tr", trainer, "-device", device],
+                training_env)
+            write_json_atomic({"schedule": schedule, "train_seconds": seconds}, fold_dir / RUN_RECORD)
         out = predictions_root / trainer
-        flow.run(f"predict_{trainer}", [tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out),
-                                        "-d", dataset_name, "-c", configuration, "-f", "all", "-tr", trainer,
-                                        "-device", device, "-npp", "1", "-nps", "1", *(predict_args or [])])
+        flow.run(f"predict_{trainer}{step_suffix}", [
+            tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", dataset_name,
+            "-c", configuration, "-f", "all", "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1",
+            *(predict_args or [])], training_env)
         summary = evaluate_folders(raw / "labelsTs", out, output_file=out / "summary.json")
         stats = summary["mean_over_classes"]
         rows.append({"trainer": trainer, "train_seconds": seconds, "n_cases": summary["n_cases_evaluated"],
                      **{m: stats[m]["mean"] for m, _, _ in METRICS},
                      **{f"{m}_sd": stats[m]["std"] for m, _, _ in METRICS},
                      "per_case_dice": {c["case"]: c["metrics"] for c in summary["per_case"]}})
-        flow.say(f"{trainer}: test Dice {rows[-1]['dice']:.4f}")
+        flow.say(f"{trainer}{step_suffix}: test Dice {rows[-1]['dice']:.4f}")
     return rows
+
+
+def combine_repeats(rows: list[dict]) -> list[dict]:
+    """One row per trainer: each metric's mean over repeats, and its sd over repeats (not over cases)."""
+    import numpy as np
+
+    combined = []
+    for trainer in dict.fromkeys(r["trainer"] for r in rows):
+        mine = [r for r in rows if r["trainer"] == trainer]
+        row = {"trainer": trainer, "repeats": len(mine), "n_cases": mine[0]["n_cases"],
+               "per_repeat_dice": [r["dice"] for r in mine]}
+        for m, _, _ in METRICS:
+            values = [r[m] for r in mine if r[m] is not None]
+            row[m] = float(np.mean(values)) if values else None
+            row[f"{m}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        seconds = [r["train_seconds"] for r in mine if r["train_seconds"] is not None]
+        row["train_seconds"] = float(np.mean(seconds)) if seconds else None
+        combined.append(row)
+    return combined
 
 
 def _fmt(value: float | None, sd: float | None = None) -> str:
@@ -92,11 +140,16 @@ def _fmt(value: float | None, sd: float | None = None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = "| trainer | " + " | ".join(label for _, label, _ in METRICS) + " | train time |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    """Markdown table; with repeats, ± is the sd over repeats and each repeat's Dice gets a column."""
+    repeated = any(r.get("repeats", 1) > 1 for r in rows)
+    header = "| trainer | " + " | ".join(label for _, label, _ in METRICS)
+    header += " | Dice of each repeat | train time (mean) |" if repeated else " | train time |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2 + repeated)]
     for r in rows:
         cells = [_fmt(r[m], r[f"{m}_sd"]) for m, _, _ in METRICS]
-        train = "not retrained" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
+        if repeated:
+            cells.append(", ".join(f"{d:.3f}" for d in r["per_repeat_dice"]))
+        train = "not recorded" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
         lines.append(f"| {r['trainer']} | " + " | ".join(cells) + f" | {train} |")
     return "\n".join(lines)
 
@@ -126,12 +179,16 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: float) -> str:
+def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: float,
+                 runs: list[dict] | None = None) -> str:
+    """benchmark.md, benchmark.json (rows, every single run, settings) and benchmark.png."""
     table = format_table(rows)
-    (out / "benchmark.json").write_text(json.dumps({"rows": rows, "settings": settings,
+    spread = ("± is the standard deviation over repeats of each repeat's mean over test cases" if
+              any(r.get("repeats", 1) > 1 for r in rows) else "± is the standard deviation over test cases")
+    (out / "benchmark.json").write_text(json.dumps({"rows": rows, "runs": runs or rows, "settings": settings,
                                                     "total_seconds": total_seconds}, indent=2, default=str))
     (out / "benchmark.md").write_text(f"# nnUNetv2_diffcl benchmark\n\nSettings: {settings}\n\n{table}\n\n"
-                                      f"Total run time: {total_seconds:.0f} s\n", encoding="utf-8")
+                                      f"{spread}.\n\nTotal run time: {total_seconds:.0f} s\n", encoding="utf-8")
     bar_plot(rows, out / "benchmark.png")
     return table
 
@@ -142,6 +199,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
     parser.add_argument("--epochs", type=int, default=None, help="nnUNet_diffcl_epochs for every trainer")
     parser.add_argument("--iterations", type=int, default=None, help="nnUNet_diffcl_iterations for every trainer")
+    parser.add_argument("--val-iterations", type=int, default=None,
+                        help="nnUNet_diffcl_val_iterations for every trainer")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train every trainer this many times from scratch (repeat k in OUT/repeat_k/); "
+                             "the table then gives mean ± sd over repeats")
     parser.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/diffcl_benchmark)")
     parser.add_argument("-device", default="cuda", help="cuda or cpu")
     parser.add_argument("--disable_tta", action="store_true")
@@ -154,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"ERROR: set {', '.join(missing)} (see nnU-Net's documentation/setting_up_paths.md)", file=sys.stderr)
         return 1
+    if args.repeats < 1:
+        print("ERROR: --repeats must be at least 1", file=sys.stderr)
+        return 1
     try:
         dataset = maybe_convert_to_dataset_name(args.d)
     except RuntimeError as e:
@@ -165,24 +230,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"ERROR: {raw / sub} is missing or empty: the benchmark predicts imagesTs and evaluates against "
                   f"labelsTs (the converters and `nnUNetv2_diffcl synthetic` write both)", file=sys.stderr)
             return 1
-    out = Path(args.o) if args.o else Path(os.environ["nnUNet_results"]) / dataset / "diffcl_benchmark"
+    out = (Path(args.o) if args.o else Path(os.environ["nnUNet_results"]) / dataset / "diffcl_benchmark").resolve()
     env = dict(os.environ)
-    if args.epochs:
-        env["nnUNet_diffcl_epochs"] = str(args.epochs)
-    if args.iterations:
-        env["nnUNet_diffcl_iterations"] = str(args.iterations)
+    for key, var in SCHEDULE_VARIABLES.items():
+        if getattr(args, key) is not None:
+            env[var] = str(getattr(args, key))
     flow = Workflow(out, env)
-    flow.say(f"benchmark of {', '.join(args.trainers)} on {dataset} ({args.c}, fold all) -> {out}")
+    flow.say(f"benchmark of {', '.join(args.trainers)} on {dataset} ({args.c}, fold all, {args.repeats} repeat(s)) "
+             f"-> {out}")
+    runs = []
     try:
-        rows = run_trainers(flow, dataset, args.trainers, args.c, args.device, out / "predictions", env,
-                            ["--disable_tta"] if args.disable_tta else [])
+        for k in range(1, args.repeats + 1):
+            if args.repeats == 1:  # the models land where nnU-Net puts them, usable as any other
+                repeat_env, predictions, suffix = env, out / "predictions", ""
+            else:  # every repeat needs its own results folder: nnU-Net's fold_all folder holds one model
+                repeat_env = {**env, "nnUNet_results": str(out / f"repeat_{k}" / "nnUNet_results")}
+                predictions, suffix = out / f"repeat_{k}" / "predictions", f"_repeat{k}"
+            for row in run_trainers(flow, dataset, args.trainers, args.c, args.device, predictions, repeat_env,
+                                    ["--disable_tta"] if args.disable_tta else [], suffix):
+                runs.append({**row, "repeat": k})
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
-    settings = {"dataset": dataset, "configuration": args.c, "trainers": args.trainers,
-                "epochs": env.get("nnUNet_diffcl_epochs", "trainer default"),
-                "iterations": env.get("nnUNet_diffcl_iterations", "trainer default"), "device": args.device,
-                "tta": not args.disable_tta}
-    table = write_report(out, rows, settings, time.time() - flow.start)
+    rows = combine_repeats(runs) if args.repeats > 1 else runs
+    settings = {"dataset": dataset, "configuration": args.c, "trainers": args.trainers, "repeats": args.repeats,
+                **{key: env.get(var, "trainer default") for key, var in SCHEDULE_VARIABLES.items()},
+                "device": args.device, "tta": not args.disable_tta}
+    table = write_report(out, rows, settings, time.time() - flow.start, runs)
     print(f"\n{table}\n\nreport: {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
     return 0

@@ -45,21 +45,65 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "user data"
 
 
+def benchmark_env(out: Path) -> dict:
+    return {**os.environ, **CPU_ENV, "nnUNet_raw": str(out / "nnUNet_raw"),
+            "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"), "nnUNet_results": str(out / "nnUNet_results")}
+
+
+DEMO_SCHEDULE = ["--epochs", "1", "--iterations", "1", "--val-iterations", "2"]  # what the demo fixture trained
+
+
 def test_benchmark_reuses_finished_trainings_and_writes_its_report(demo, tmp_path):
     out, _ = demo
-    env = {**os.environ, **CPU_ENV, "nnUNet_raw": str(out / "nnUNet_raw"),
-           "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"), "nnUNet_results": str(out / "nnUNet_results")}
     report = tmp_path / "bench"
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", *TRAINERS,
-                           "-device", "cpu", "--disable_tta", "-o", str(report)], timeout=900, env=env)
+                           *DEMO_SCHEDULE, "-device", "cpu", "--disable_tta", "-o", str(report)],
+                          timeout=900, env=benchmark_env(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("exists, not retrained") == 2  # resumable: finished trainers are reused
     data = json.loads((report / "benchmark.json").read_text())
     assert [r["trainer"] for r in data["rows"]] == TRAINERS
-    for row in data["rows"]:
+    demo_rows = json.loads((out / "results.json").read_text())["rows"]
+    for row, demo_row in zip(data["rows"], demo_rows):
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["jaccard"] <= row["dice"] + 1e-9
+        # the training time recorded beside the model when the demo trained it, not "unknown"
+        assert row["train_seconds"] == pytest.approx(demo_row["train_seconds"])
     assert "| LabeledOnlyTrainer |" in (report / "benchmark.md").read_text(encoding="utf-8")
     assert (report / "benchmark.png").stat().st_size > 5_000
+
+
+def test_benchmark_refuses_to_reuse_a_model_trained_with_another_schedule(demo, tmp_path):
+    out, _ = demo
+    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
+                           "--epochs", "3", "--iterations", "1", "--val-iterations", "2", "-device", "cpu",
+                           "-o", str(tmp_path / "bench")], timeout=300, env=benchmark_env(out))
+    assert result.returncode == 1
+    assert "was trained with schedule" in result.stderr and "LabeledOnlyTrainer__nnUNetPlans__3d_fullres" in \
+        result.stderr and "--epochs" in result.stderr
+
+
+def test_benchmark_repeats_train_from_scratch_and_report_the_spread(demo, tmp_path):
+    out, _ = demo
+    report = tmp_path / "bench"
+    args = [command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
+            *DEMO_SCHEDULE, "--repeats", "2", "-device", "cpu", "--disable_tta", "-o", str(report)]
+    result = run_captured(args, timeout=900, env=benchmark_env(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for k in (1, 2):  # each repeat trained its own model, not the demo's
+        assert f"] train_LabeledOnlyTrainer_repeat{k}: " in result.stdout
+        assert (report / f"repeat_{k}" / "nnUNet_results" / "Dataset990_DiffCLSynthetic" /
+                "LabeledOnlyTrainer__nnUNetPlans__3d_fullres" / "fold_all" / "checkpoint_final.pth").exists()
+    data = json.loads((report / "benchmark.json").read_text())
+    runs, (row,) = data["runs"], data["rows"]
+    assert [r["repeat"] for r in runs] == [1, 2] and row["repeats"] == 2
+    dice = [r["dice"] for r in runs]
+    assert row["per_repeat_dice"] == dice
+    assert row["dice"] == pytest.approx(sum(dice) / 2)
+    assert row["dice_sd"] == pytest.approx(abs(dice[0] - dice[1]) / 2 ** 0.5)  # sd over repeats, ddof 1
+    assert "standard deviation over repeats" in (report / "benchmark.md").read_text(encoding="utf-8")
+    # run again: both repeats are reused, nothing retrained
+    again = run_captured(args, timeout=900, env=benchmark_env(out))
+    assert again.returncode == 0 and again.stdout.count("exists, not retrained") == 2
 
 
 def test_benchmark_needs_test_labels(demo, tmp_path):
