@@ -78,6 +78,34 @@ def check_finished_run(fold_dir: Path, schedule: dict) -> float | None:
     return recorded["train_seconds"]
 
 
+def check_trainers(trainers: list[str], schedule: dict) -> None:
+    """Before hours of training: every trainer exists, and each one follows the schedule asked for.
+
+    nnU-Net's own trainers ignore ``nnUNet_diffcl_*``: with a schedule set, ``nnUNetTrainer`` would
+    train its 1000 epochs beside plugin trainers that train a few, and the table would compare unlike runs.
+    """
+    import contextlib
+    import io
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_diffcl.trainers import PLUGIN_TRAINERS
+
+    for name in trainers:
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's lookup prints every folder it searches
+            try:
+                cls = recursive_find_trainer_class_by_name(name)
+            except RuntimeError:
+                cls = None
+        if cls is None:
+            raise RuntimeError(f"trainer {name!r} not found by nnU-Net (nor in nnUNet_extTrainer); "
+                               f"`nnUNetv2_diffcl doctor` lists the plugin's trainers")
+        if any(v is not None for v in schedule.values()) and not issubclass(cls, tuple(PLUGIN_TRAINERS)):
+            raise RuntimeError(f"{name} does not read nnUNet_diffcl_epochs/_iterations/_val_iterations, so it would "
+                               f"not train with the schedule given to the other trainers; use LabeledOnlyTrainer "
+                               f"(nnUNetTrainer that follows the schedule) or a plugin trainer")
+
+
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
                  predictions_root: Path, training_env: dict, predict_args: list[str] | None = None,
                  step_suffix: str = "") -> list[dict]:
@@ -235,6 +263,11 @@ def run(args: argparse.Namespace) -> int:
     for key, var in SCHEDULE_VARIABLES.items():
         if getattr(args, key) is not None:
             env[var] = str(getattr(args, key))
+    try:
+        check_trainers(args.trainers, schedule_of(env))
+    except RuntimeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
     flow = Workflow(out, env)
     flow.say(f"benchmark of {', '.join(args.trainers)} on {dataset} ({args.c}, fold all, {args.repeats} repeat(s)) "
              f"-> {out}")

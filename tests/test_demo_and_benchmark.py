@@ -115,3 +115,21 @@ def test_benchmark_needs_test_labels(demo, tmp_path):
            "nnUNet_results": str(tmp_path / "results")}
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990"], timeout=120, env=env)
     assert result.returncode == 1 and "labelsTs is missing or empty" in result.stderr
+
+
+@pytest.mark.parametrize("trainers, schedule, message", [
+    (["nnUNetTrainer"], {"epochs": "2"}, "use LabeledOnlyTrainer"),  # would train 1000 epochs beside 2
+    (["LabeledOnlyTrainer", "DiffCLTrainre"], {}, "'DiffCLTrainre' not found"),  # a typo, caught before training
+])
+def test_benchmark_checks_its_trainers_before_training(trainers, schedule, message):
+    from nnunetv2_diffcl.benchmark import check_trainers, schedule_of
+
+    with pytest.raises(RuntimeError, match=message):
+        check_trainers(trainers, schedule_of({f"nnUNet_diffcl_{k}": v for k, v in schedule.items()}))
+
+
+def test_benchmark_accepts_nnunet_trainers_without_a_schedule_and_plugin_trainers_with_one():
+    from nnunetv2_diffcl.benchmark import check_trainers
+
+    check_trainers(["nnUNetTrainer", "DiffCLTrainer_noHFMamba"], {"epochs": None, "iterations": None})
+    check_trainers(["LabeledOnlyTrainer", "CPSTrainer", "DiffCLTrainer_DDIM3"], {"epochs": "2", "iterations": "1"})
