@@ -210,23 +210,30 @@ def test_pancreas_nifti_release(tmp_path: Path) -> None:
     assert json.loads((dataset / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
 
 
-def test_pancreas_h5_release(tmp_path: Path) -> None:
+@pytest.mark.parametrize("file_name, extra, note", [
+    ("image{:04d}_norm.h5", [], False),  # MC-Net's release: 1 mm, (x, y, z), as assumed
+    ("{:04d}.h5", [], True),  # CoraNet/BCP's release: its z spacing is not 1 mm, so the user is told
+    ("{:04d}.h5", ["--h5-spacing", "0.8", "0.8", "1.25"], False),  # ... unless a spacing is given
+])
+def test_pancreas_h5_release(tmp_path: Path, capsys, file_name: str, extra: list[str], note: bool) -> None:
     src = tmp_path / "Pancreas"
     (src / "Pancreas_h5").mkdir(parents=True)
     for i in range(1, 6):
-        with h5py.File(src / "Pancreas_h5" / f"image{i:04d}_norm.h5", "w") as f:
+        with h5py.File(src / "Pancreas_h5" / file_name.format(i), "w") as f:
             f["image"] = RNG.random(SHAPE_XYZ).astype(np.float32)
             f["label"] = _label_xyz()
     _write_list(src / "train.list", ["image0001", "image0002", "image0003"])
     _write_list(src / "test.list", ["image0004", "image0005"])
     raw = tmp_path / "raw"
-    assert _run(pancreas, src / "Pancreas_h5", "-d", "21", "--labeled", "1", "-o", raw) == 0
+    assert _run(pancreas, src / "Pancreas_h5", "-d", "21", "--labeled", "1", "-o", raw, *extra) == 0
+    assert ("look like the CoraNet/BCP release" in capsys.readouterr().err) == note
     dataset = raw / "Dataset021_Pancreas"
     assert _counts(dataset) == {"imagesTr": 1, "labelsTr": 1, "imagesTu": 2, "imagesTs": 2, "labelsTs": 2}
+    spacing = [float(v) for v in extra[1:]] or [1.0, 1.0, 1.0]
     image = sitk.ReadImage(str(dataset / "imagesTs" / "pancreas_0004_0000.nii.gz"))
-    assert image.GetSize() == SHAPE_XYZ and image.GetSpacing() == pytest.approx((1.0, 1.0, 1.0))
+    assert image.GetSize() == SHAPE_XYZ and image.GetSpacing() == pytest.approx(spacing)
     split = json.loads((dataset / "split.json").read_text())
-    assert split["source_format"] == "h5" and split["spacing_xyz_mm"] == [1.0, 1.0, 1.0]
+    assert split["source_format"] == "h5" and split["spacing_xyz_mm"] == spacing
 
 
 def test_pancreas_dicom_series(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ them in any form that ends in that number (``image0001``, ``PANCREAS_0001``, ``0
   with SimpleITK's ImageSeriesReader, with the ``labelXXXX.nii.gz`` files anywhere under the input;
 - the h5 release: ``<case>.h5`` or ``<case>/<anything>.h5`` with ``image`` and ``label``. Spacing is
   not stored: 1.0 mm isotropic and (x, y, z) array order are assumed (settable, recorded in
-  split.json).
+  split.json). Both hold for MC-Net's ``imageXXXX_norm.h5`` release, whose notebook resamples to
+  1 mm with SimpleITK and transposes the arrays to (x, y, z); CoraNet/BCP's ``XXXX.h5`` files are
+  a different release with a per-case z spacing, and get a note.
 
 Split: ``train.list``/``test.list`` (62/20 in the h5 release) found in the input folder or its
 parent, or given with --train-list/--test-list or --split-file; there is no official split, so
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -108,6 +111,11 @@ def convert(args: argparse.Namespace) -> Path:
     plan = make_plan(lists, images, args.labeled, args.seed, args.labeled_selection,
                      source_hint=f" in {folder}")
     spacing = tuple(args.h5_spacing)
+    if kind == "h5" and spacing == DEFAULT_H5_SPACING and any(p.stem.isdigit() for p in images.values()):
+        print("note: h5 files named by number only (XXXX.h5) look like the CoraNet/BCP release, not MC-Net's "
+              "imageXXXX_norm.h5 release: CoraNet/BCP resampled z by the in-plane spacing, so their z spacing is "
+              "not 1 mm and differs per case; distances in mm will be off along z (voxel distances are not). "
+              "Pass --h5-spacing X Y Z if you know it.", file=sys.stderr)
 
     def load(case: str, need_label: bool) -> CaseData:
         if kind == "h5":
