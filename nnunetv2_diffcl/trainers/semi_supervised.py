@@ -92,6 +92,14 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_overrides(self)
+        rampup = os.environ.get("nnUNet_diffcl_rampup_fraction")
+        if rampup:  # an experiment's knob (docs/benchmarks.md), not a schedule: the class default stays
+            try:
+                self.unsupervised_rampup_fraction = float(rampup)
+            except ValueError:
+                raise ValueError(f"nnUNet_diffcl_rampup_fraction must be a number, got {rampup!r}") from None
+            assert 0.0 <= self.unsupervised_rampup_fraction <= 1.0, \
+                f"nnUNet_diffcl_rampup_fraction must lie in [0, 1], got {rampup}"
         self.logger.local_logger = TermLogger(list(self.loss_terms) + [WEIGHT_TERM])
         self.auxiliary: dict[str, AuxiliaryNetwork] = {}
         self.ssl_step = 0

@@ -50,6 +50,20 @@ def test_schedule_from_environment(trainer):
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (2, 2, 1)
 
 
+def test_rampup_fraction_from_environment(dataset_copy, in_process_env, monkeypatch):
+    in_process_env(dataset_copy)
+    monkeypatch.setenv("nnUNet_diffcl_rampup_fraction", "0.5")
+    trainer = make_trainer(dataset_copy)
+    total = trainer.num_epochs * trainer.num_iterations_per_epoch
+    trainer.ssl_step = total // 4  # half-way through a ramp over half of training
+    assert trainer.unsupervised_weight() == pytest.approx(sigmoid_rampup(0.5))
+    trainer.ssl_step = total // 2
+    assert trainer.unsupervised_weight() == pytest.approx(1.0)
+    monkeypatch.setenv("nnUNet_diffcl_rampup_fraction", "1.5")
+    with pytest.raises(AssertionError, match="must lie in"):
+        make_trainer(dataset_copy)
+
+
 def test_batch_contract(trainer):
     trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
     batch = next(trainer.dataloader_train)
