@@ -215,7 +215,9 @@ def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: flo
               any(r.get("repeats", 1) > 1 for r in rows) else "± is the standard deviation over test cases")
     (out / "benchmark.json").write_text(json.dumps({"rows": rows, "runs": runs or rows, "settings": settings,
                                                     "total_seconds": total_seconds}, indent=2, default=str))
-    (out / "benchmark.md").write_text(f"# nnUNetv2_diffcl benchmark\n\nSettings: {settings}\n\n{table}\n\n"
+    listed = "\n".join(f"- {key}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                        for key, v in settings.items())
+    (out / "benchmark.md").write_text(f"# nnUNetv2_diffcl benchmark\n\n{listed}\n\n{table}\n\n"
                                       f"{spread}.\n\nTotal run time: {total_seconds:.0f} s\n", encoding="utf-8")
     bar_plot(rows, out / "benchmark.png")
     return table
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         print("ERROR: --repeats must be at least 1", file=sys.stderr)
         return 1
     try:
-        dataset = maybe_convert_to_dataset_name(args.d)
+        dataset = str(maybe_convert_to_dataset_name(args.d))  # numpy string otherwise
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
