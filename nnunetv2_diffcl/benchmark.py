@@ -58,11 +58,20 @@ def tool(name: str) -> str:
 SCHEDULE_VARIABLES = {"epochs": "nnUNet_diffcl_epochs", "iterations": "nnUNet_diffcl_iterations",
                       "val_iterations": "nnUNet_diffcl_val_iterations"}
 RUN_RECORD = "diffcl_benchmark_run.json"  # beside checkpoint_final.pth: the schedule it was trained with
+NOT_TRAINING_OPTIONS = ("nnUNet_diffcl_scan", "nnUNet_diffcl_no_autoregister")  # same model either way
 
 
 def schedule_of(env: dict) -> dict:
-    """The schedule a training run gets from the environment (None: the trainer's own default)."""
-    return {key: env.get(var) for key, var in SCHEDULE_VARIABLES.items()}
+    """What a training run gets from the environment: the schedule (None: the trainer's own default), and
+    any other ``nnUNet_diffcl_*`` option that changes the model (e.g. ``nnUNet_diffcl_rampup_fraction``)."""
+    schedule = {key: env.get(var) for key, var in SCHEDULE_VARIABLES.items()}
+    schedule.update({var: value for var, value in sorted(env.items()) if var.startswith("nnUNet_diffcl_")
+                     and var not in NOT_TRAINING_OPTIONS and var not in SCHEDULE_VARIABLES.values()})
+    return schedule
+
+
+def _repeated(rows: list[dict]) -> bool:
+    return any(r.get("repeats", 1) > 1 for r in rows)
 
 
 def check_finished_run(fold_dir: Path, schedule: dict) -> float | None:
@@ -72,9 +81,9 @@ def check_finished_run(fold_dir: Path, schedule: dict) -> float | None:
         return None  # trained outside the benchmark (e.g. by hand): its schedule is the user's business
     recorded = json.loads(record.read_text(encoding="utf-8"))
     if recorded["schedule"] != schedule:
-        raise RuntimeError(f"{fold_dir} was trained with schedule {recorded['schedule']}, but this benchmark asks for "
-                           f"{schedule}; rerun with the same --epochs/--iterations/--val-iterations, or delete "
-                           f"{fold_dir.parent} to retrain it")
+        raise RuntimeError(f"{fold_dir} was trained with schedule {recorded['schedule']}, but this benchmark asks "
+                           f"for {schedule}; rerun with the same --epochs/--iterations/--val-iterations (and "
+                           f"nnUNet_diffcl_* variables), or delete {fold_dir.parent} to retrain it")
     return recorded["train_seconds"]
 
 
@@ -100,7 +109,8 @@ def check_trainers(trainers: list[str], schedule: dict) -> None:
         if cls is None:
             raise RuntimeError(f"trainer {name!r} not found by nnU-Net (nor in nnUNet_extTrainer); "
                                f"`nnUNetv2_diffcl doctor` lists the plugin's trainers")
-        if any(v is not None for v in schedule.values()) and not issubclass(cls, tuple(PLUGIN_TRAINERS)):
+        if any(schedule.get(key) is not None for key in SCHEDULE_VARIABLES) and \
+                not issubclass(cls, tuple(PLUGIN_TRAINERS)):
             raise RuntimeError(f"{name} does not read nnUNet_diffcl_epochs/_iterations/_val_iterations, so it would "
                                f"not train with the schedule given to the other trainers; use LabeledOnlyTrainer "
                                f"(nnUNetTrainer that follows the schedule) or a plugin trainer")
@@ -169,7 +179,7 @@ def _fmt(value: float | None, sd: float | None = None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table; with repeats, ± is the sd over repeats and each repeat's Dice gets a column."""
-    repeated = any(r.get("repeats", 1) > 1 for r in rows)
+    repeated = _repeated(rows)
     header = "| trainer | " + " | ".join(label for _, label, _ in METRICS)
     header += " | Dice of each repeat | train time (mean) |" if repeated else " | train time |"
     lines = [header, "|" + "---|" * (len(METRICS) + 2 + repeated)]
@@ -211,8 +221,8 @@ def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: flo
                  runs: list[dict] | None = None) -> str:
     """benchmark.md, benchmark.json (rows, every single run, settings) and benchmark.png."""
     table = format_table(rows)
-    spread = ("± is the standard deviation over repeats of each repeat's mean over test cases" if
-              any(r.get("repeats", 1) > 1 for r in rows) else "± is the standard deviation over test cases")
+    spread = ("± is the standard deviation over repeats of each repeat's mean over test cases" if _repeated(rows)
+              else "± is the standard deviation over test cases")
     (out / "benchmark.json").write_text(json.dumps({"rows": rows, "runs": runs or rows, "settings": settings,
                                                     "total_seconds": total_seconds}, indent=2, default=str))
     listed = "\n".join(f"- {key}: {', '.join(map(str, v)) if isinstance(v, list) else v}"

@@ -72,14 +72,27 @@ def test_benchmark_reuses_finished_trainings_and_writes_its_report(demo, tmp_pat
     assert (report / "benchmark.png").stat().st_size > 5_000
 
 
-def test_benchmark_refuses_to_reuse_a_model_trained_with_another_schedule(demo, tmp_path):
+@pytest.mark.parametrize("schedule, extra_env", [
+    (["--epochs", "3", "--iterations", "1", "--val-iterations", "2"], {}),
+    (DEMO_SCHEDULE, {"nnUNet_diffcl_rampup_fraction": "0.5"}),  # same schedule, another training option
+])
+def test_benchmark_refuses_to_reuse_a_model_trained_with_another_schedule(demo, tmp_path, schedule, extra_env):
     out, _ = demo
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
-                           "--epochs", "3", "--iterations", "1", "--val-iterations", "2", "-device", "cpu",
-                           "-o", str(tmp_path / "bench")], timeout=300, env=benchmark_env(out))
+                           *schedule, "-device", "cpu", "-o", str(tmp_path / "bench")], timeout=300,
+                          env={**benchmark_env(out), **extra_env})
     assert result.returncode == 1
     assert "was trained with schedule" in result.stderr and "LabeledOnlyTrainer__nnUNetPlans__3d_fullres" in \
         result.stderr and "--epochs" in result.stderr
+
+
+def test_run_record_holds_what_changes_the_model_and_nothing_else():
+    from nnunetv2_diffcl.benchmark import schedule_of
+
+    env = {"nnUNet_diffcl_epochs": "2", "nnUNet_diffcl_rampup_fraction": "0.5", "nnUNet_diffcl_scan": "torch",
+           "nnUNet_diffcl_no_autoregister": "1", "nnUNet_raw": "/somewhere"}
+    assert schedule_of(env) == {"epochs": "2", "iterations": None, "val_iterations": None,
+                                "nnUNet_diffcl_rampup_fraction": "0.5"}
 
 
 def test_benchmark_repeats_train_from_scratch_and_report_the_spread(demo, tmp_path):
