@@ -68,6 +68,14 @@ class PlannedDataset:
     def results(self) -> Path:
         return self.root / "results" / DATASET_NAME
 
+    def predict_test_set(self, trainer: str, env: dict) -> Path:
+        """``nnUNetv2_predict`` of imagesTs with ``trainer``'s fold ``all`` (CPU, no mirroring); the output folder."""
+        out = self.root / "predictions"
+        run_command([command("nnUNetv2_predict"), "-i", str(self.raw / "imagesTs"), "-o", str(out), "-d",
+                     str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", trainer, "-device", "cpu",
+                     "--disable_tta", "-npp", "1", "-nps", "1"], env)
+        return out
+
 
 def nnunet_env(root: Path) -> dict:
     env = {**os.environ, **CPU_ENV, "nnUNet_raw": str(root / "raw"),

@@ -193,10 +193,7 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     first = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert first[CHECKPOINT_KEY]["ssl_step"] == 4 and len(first["logging"]["train_pseudo_a"]) == 2
 
-    out = dataset_copy.root / "predictions"
-    run_command([command("nnUNetv2_predict"), "-i", str(dataset_copy.raw / "imagesTs"), "-o", str(out), "-d",
-                 str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", "CPSTrainer", "-device", "cpu",
-                 "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    out = dataset_copy.predict_test_set("CPSTrainer", env)
     for case in ("syn_006", "syn_007"):
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
         reference = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset_copy.raw / "labelsTs" / f"{case}.nii.gz")))

@@ -223,10 +223,7 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     assert first[CHECKPOINT_KEY]["ssl_step"] == 2 and "hf_mamba.0.mamba_forward.A_log" in (
         list(first["network_weights"]))
 
-    out = dataset_copy.root / "predictions"
-    run_command([command("nnUNetv2_predict"), "-i", str(dataset_copy.raw / "imagesTs"), "-o", str(out), "-d",
-                 str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", "DiffCLTrainer", "-device", "cpu",
-                 "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    out = dataset_copy.predict_test_set("DiffCLTrainer", env)
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "syn_006.nii.gz")))
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1}
 

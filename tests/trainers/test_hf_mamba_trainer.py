@@ -115,9 +115,6 @@ def test_real_nnunet_train_and_predict(dataset_copy) -> None:
     fold = dataset_copy.results / "HFMambaTrainer__nnUNetPlans__3d_fullres" / "fold_all"
     weights = torch.load(fold / "checkpoint_final.pth", weights_only=False)["network_weights"]
     assert any(k.startswith("hf_mamba.0.mamba_forward.") for k in weights)
-    out = dataset_copy.root / "predictions"
-    run_command([command("nnUNetv2_predict"), "-i", str(dataset_copy.raw / "imagesTs"), "-o", str(out), "-d",
-                 str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", "HFMambaTrainer", "-device", "cpu",
-                 "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    out = dataset_copy.predict_test_set("HFMambaTrainer", env)
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "syn_007.nii.gz")))
     assert prediction.shape == (32, 32, 32) and set(np.unique(prediction)) <= {0, 1}
