@@ -116,6 +116,22 @@ def check_trainers(trainers: list[str], schedule: dict) -> None:
                                f"(nnUNetTrainer that follows the schedule) or a plugin trainer")
 
 
+def fold_dir_of(results_root: Path, dataset_name: str, trainer: str, configuration: str) -> Path:
+    """Where nnU-Net puts a trainer's fold ``all`` (the benchmark trains with the default plans)."""
+    return results_root / dataset_name / f"{trainer}__nnUNetPlans__{configuration}" / "fold_all"
+
+
+def check_reusable_runs(results_roots: list[Path], dataset_name: str, trainers: list[str], configuration: str,
+                        schedule: dict) -> None:
+    """Before any training: every finished model that would be reused was trained with this schedule. Found
+    only when its turn comes, a mismatch would stop the benchmark after the trainers before it had trained."""
+    for root in results_roots:
+        for trainer in trainers:
+            fold_dir = fold_dir_of(root, dataset_name, trainer, configuration)
+            if (fold_dir / "checkpoint_final.pth").exists():
+                check_finished_run(fold_dir, schedule)
+
+
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
                  predictions_root: Path, training_env: dict, predict_args: list[str] | None = None,
                  step_suffix: str = "") -> list[dict]:
@@ -124,11 +140,10 @@ def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configu
     from nnunetv2_diffcl.file_io import write_json_atomic
 
     raw = Path(training_env["nnUNet_raw"]) / dataset_name
-    results = Path(training_env["nnUNet_results"]) / dataset_name
     schedule = schedule_of(training_env)
     rows = []
     for trainer in trainers:
-        fold_dir = results / f"{trainer}__nnUNetPlans__{configuration}" / "fold_all"
+        fold_dir = fold_dir_of(Path(training_env["nnUNet_results"]), dataset_name, trainer, configuration)
         if (fold_dir / "checkpoint_final.pth").exists():
             seconds = check_finished_run(fold_dir, schedule)
             flow.say(f"{trainer}{step_suffix}: {fold_dir / 'checkpoint_final.pth'} exists, not retrained")
@@ -275,8 +290,17 @@ def run(args: argparse.Namespace) -> int:
     for key, var in SCHEDULE_VARIABLES.items():
         if getattr(args, key) is not None:
             env[var] = str(getattr(args, key))
+    repeats = []  # (k, environment, predictions folder, step suffix)
+    for k in range(1, args.repeats + 1):
+        if args.repeats == 1:  # the models land where nnU-Net puts them, usable as any other
+            repeats.append((k, env, out / "predictions", ""))
+        else:  # every repeat needs its own results folder: nnU-Net's fold_all folder holds one model
+            repeats.append((k, {**env, "nnUNet_results": str(out / f"repeat_{k}" / "nnUNet_results")},
+                            out / f"repeat_{k}" / "predictions", f"_repeat{k}"))
     try:
         check_trainers(args.trainers, schedule_of(env))
+        check_reusable_runs([Path(e["nnUNet_results"]) for _, e, _, _ in repeats], dataset, args.trainers, args.c,
+                            schedule_of(env))
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
@@ -285,12 +309,7 @@ def run(args: argparse.Namespace) -> int:
              f"-> {out}")
     runs = []
     try:
-        for k in range(1, args.repeats + 1):
-            if args.repeats == 1:  # the models land where nnU-Net puts them, usable as any other
-                repeat_env, predictions, suffix = env, out / "predictions", ""
-            else:  # every repeat needs its own results folder: nnU-Net's fold_all folder holds one model
-                repeat_env = {**env, "nnUNet_results": str(out / f"repeat_{k}" / "nnUNet_results")}
-                predictions, suffix = out / f"repeat_{k}" / "predictions", f"_repeat{k}"
+        for k, repeat_env, predictions, suffix in repeats:
             for row in run_trainers(flow, dataset, args.trainers, args.c, args.device, predictions, repeat_env,
                                     ["--disable_tta"] if args.disable_tta else [], suffix):
                 runs.append({**row, "repeat": k})

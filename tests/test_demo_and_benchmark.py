@@ -77,13 +77,16 @@ def test_benchmark_reuses_finished_trainings_and_writes_its_report(demo, tmp_pat
     (DEMO_SCHEDULE, {"nnUNet_diffcl_rampup_fraction": "0.5"}),  # same schedule, another training option
 ])
 def test_benchmark_refuses_to_reuse_a_model_trained_with_another_schedule(demo, tmp_path, schedule, extra_env):
+    """Refused before anything trains: HFMambaTrainer (not trained by the demo) comes first in the list."""
     out, _ = demo
-    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
-                           *schedule, "-device", "cpu", "-o", str(tmp_path / "bench")], timeout=300,
-                          env={**benchmark_env(out), **extra_env})
+    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "HFMambaTrainer",
+                           "LabeledOnlyTrainer", *schedule, "-device", "cpu", "-o", str(tmp_path / "bench")],
+                          timeout=300, env={**benchmark_env(out), **extra_env})
     assert result.returncode == 1
     assert "was trained with schedule" in result.stderr and "LabeledOnlyTrainer__nnUNetPlans__3d_fullres" in \
         result.stderr and "--epochs" in result.stderr
+    assert "train_HFMambaTrainer" not in result.stdout
+    assert not list((out / "nnUNet_results").glob("*/HFMambaTrainer__*"))
 
 
 def test_run_record_holds_what_changes_the_model_and_nothing_else():
