@@ -74,17 +74,34 @@ def _repeated(rows: list[dict]) -> bool:
     return any(r.get("repeats", 1) > 1 for r in rows)
 
 
-def check_finished_run(fold_dir: Path, schedule: dict) -> float | None:
-    """Training time of a finished run that may be reused; an error if it was trained with another schedule."""
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's, in --c's order
+
+
+def check_run(fold_dir: Path, schedule: dict) -> tuple[str, float | None]:
+    """State of a trainer's fold folder: ``"new"``, ``"unfinished"`` (resume with ``--c``) or ``"finished"``
+    (reuse), and the recorded training time of a finished run.
+
+    Raises when what is there cannot be used as it is: a model trained or started with another schedule, or an
+    unfinished training the benchmark did not start (its schedule is unknown, and training anew would overwrite
+    the user's checkpoints).
+    """
+    present = [name for name in CHECKPOINTS if (fold_dir / name).exists()]
+    if not present:
+        return "new", None
+    finished = present[0] == "checkpoint_final.pth"
     record = fold_dir / RUN_RECORD
     if not record.exists():
-        return None  # trained outside the benchmark (e.g. by hand): its schedule is the user's business
+        if finished:
+            return "finished", None  # trained outside the benchmark (e.g. by hand): its schedule is the user's business
+        raise RuntimeError(f"{fold_dir} holds an unfinished training ({present[0]}) that this benchmark did not "
+                           f"start; finish it with `nnUNetv2_train ... --c` or delete {fold_dir.parent}")
     recorded = json.loads(record.read_text(encoding="utf-8"))
     if recorded["schedule"] != schedule:
-        raise RuntimeError(f"{fold_dir} was trained with schedule {recorded['schedule']}, but this benchmark asks "
+        what = "was trained" if finished else "holds an unfinished training started"
+        raise RuntimeError(f"{fold_dir} {what} with schedule {recorded['schedule']}, but this benchmark asks "
                            f"for {schedule}; rerun with the same --epochs/--iterations/--val-iterations (and "
                            f"nnUNet_diffcl_* variables), or delete {fold_dir.parent} to retrain it")
-    return recorded["train_seconds"]
+    return ("finished" if finished else "unfinished"), recorded.get("train_seconds")
 
 
 def check_trainers(trainers: list[str], schedule: dict) -> None:
@@ -123,19 +140,18 @@ def fold_dir_of(results_root: Path, dataset_name: str, trainer: str, configurati
 
 def check_reusable_runs(results_roots: list[Path], dataset_name: str, trainers: list[str], configuration: str,
                         schedule: dict) -> None:
-    """Before any training: every finished model that would be reused was trained with this schedule. Found
+    """Before any training: every model that would be reused or resumed was trained with this schedule. Found
     only when its turn comes, a mismatch would stop the benchmark after the trainers before it had trained."""
     for root in results_roots:
         for trainer in trainers:
-            fold_dir = fold_dir_of(root, dataset_name, trainer, configuration)
-            if (fold_dir / "checkpoint_final.pth").exists():
-                check_finished_run(fold_dir, schedule)
+            check_run(fold_dir_of(root, dataset_name, trainer, configuration), schedule)
 
 
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
                  predictions_root: Path, training_env: dict, predict_args: list[str] | None = None,
                  step_suffix: str = "") -> list[dict]:
-    """Train (unless finished), predict imagesTs and evaluate against labelsTs, for each trainer."""
+    """Train (unless finished; an interrupted training is resumed with ``--c``), predict imagesTs and evaluate
+    against labelsTs, for each trainer."""
     from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
     from nnunetv2_diffcl.file_io import write_json_atomic
 
@@ -144,14 +160,20 @@ def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configu
     rows = []
     for trainer in trainers:
         fold_dir = fold_dir_of(Path(training_env["nnUNet_results"]), dataset_name, trainer, configuration)
-        if (fold_dir / "checkpoint_final.pth").exists():
-            seconds = check_finished_run(fold_dir, schedule)
+        state, seconds = check_run(fold_dir, schedule)
+        if state == "finished":
             flow.say(f"{trainer}{step_suffix}: {fold_dir / 'checkpoint_final.pth'} exists, not retrained")
         else:
+            if state == "unfinished":
+                flow.say(f"{trainer}{step_suffix}: resuming the unfinished training in {fold_dir} (--c)")
+            else:  # recorded before training, so that an interrupted run is known to be ours and resumable
+                write_json_atomic({"schedule": schedule, "train_seconds": None}, fold_dir / RUN_RECORD)
             seconds = flow.run(f"train_{trainer}{step_suffix}", [
-                tool("nnUNetv2_train"), dataset_name, configuration, "all", "-tr", trainer, "-device", device],
-                training_env)
-            write_json_atomic({"schedule": schedule, "train_seconds": seconds}, fold_dir / RUN_RECORD)
+                tool("nnUNetv2_train"), dataset_name, configuration, "all", "-tr", trainer, "-device", device,
+                *(["--c"] if state == "unfinished" else [])], training_env)
+            # a resumed run's wall time leaves out the interrupted part: not a training time to compare
+            write_json_atomic({"schedule": schedule, "train_seconds": seconds if state == "new" else None,
+                               "resumed": state == "unfinished"}, fold_dir / RUN_RECORD)
         out = predictions_root / trainer
         flow.run(f"predict_{trainer}{step_suffix}", [
             tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", dataset_name,
@@ -228,22 +250,27 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     axes[0].set_title("overlap (higher is better)")
     axes[1].set_title("surface distance in mm (lower is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    partial = path.with_name(f".{path.name}.tmp")  # renamed when complete, as the other report files
+    fig.savefig(partial, dpi=90, format="png")
     plt.close(fig)
+    os.replace(partial, path)
 
 
 def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: float,
                  runs: list[dict] | None = None) -> str:
-    """benchmark.md, benchmark.json (rows, every single run, settings) and benchmark.png."""
+    """benchmark.md, benchmark.json (rows, every single run, settings) and benchmark.png, each written whole or
+    not at all."""
+    from nnunetv2_diffcl.file_io import write_json_atomic, write_text_atomic
+
     table = format_table(rows)
     spread = ("± is the standard deviation over repeats of each repeat's mean over test cases" if _repeated(rows)
               else "± is the standard deviation over test cases")
-    (out / "benchmark.json").write_text(json.dumps({"rows": rows, "runs": runs or rows, "settings": settings,
-                                                    "total_seconds": total_seconds}, indent=2, default=str))
+    write_json_atomic({"rows": rows, "runs": runs or rows, "settings": settings, "total_seconds": total_seconds},
+                      out / "benchmark.json")
     listed = "\n".join(f"- {key}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
                         for key, v in settings.items())
-    (out / "benchmark.md").write_text(f"# nnUNetv2_diffcl benchmark\n\n{listed}\n\n{table}\n\n"
-                                      f"{spread}.\n\nTotal run time: {total_seconds:.0f} s\n", encoding="utf-8")
+    write_text_atomic(f"# nnUNetv2_diffcl benchmark\n\n{listed}\n\n{table}\n\n{spread}.\n\n"
+                      f"Total run time: {total_seconds:.0f} s\n", out / "benchmark.md")
     bar_plot(rows, out / "benchmark.png")
     return table
 

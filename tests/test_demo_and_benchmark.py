@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,70 @@ def test_benchmark_refuses_to_reuse_a_model_trained_with_another_schedule(demo, 
         result.stderr and "--epochs" in result.stderr
     assert "train_HFMambaTrainer" not in result.stdout
     assert not list((out / "nnUNet_results").glob("*/HFMambaTrainer__*"))
+
+
+def interrupted_copy(demo_out: Path, results: Path, trainer: str = "LabeledOnlyTrainer") -> Path:
+    """The demo's trained model, copied into ``results`` as an interruption after its last epoch leaves it: a
+    latest checkpoint (nnU-Net's --c loads it), no final one."""
+    name = f"{trainer}__nnUNetPlans__3d_fullres"
+    dataset = "Dataset990_DiffCLSynthetic"
+    shutil.copytree(demo_out / "nnUNet_results" / dataset / name, results / dataset / name)
+    fold = results / dataset / name / "fold_all"
+    (fold / "checkpoint_final.pth").rename(fold / "checkpoint_latest.pth")
+    return fold
+
+
+def test_benchmark_resumes_an_interrupted_training_with_c(demo, tmp_path):
+    """The demo trained 1 epoch; recorded as a 2-epoch benchmark run cut off after epoch 1, it is continued."""
+    import torch
+
+    from nnunetv2_diffcl.benchmark import RUN_RECORD, schedule_of
+
+    out, _ = demo
+    fold = interrupted_copy(out, tmp_path / "results")
+    env = {**benchmark_env(out), "nnUNet_results": str(tmp_path / "results")}
+    schedule = ["--epochs", "2", "--iterations", "1", "--val-iterations", "2"]
+    recorded = schedule_of({**env, "nnUNet_diffcl_epochs": "2", "nnUNet_diffcl_iterations": "1",
+                            "nnUNet_diffcl_val_iterations": "2"})
+    (fold / RUN_RECORD).write_text(json.dumps({"schedule": recorded, "train_seconds": None}))
+    first_epoch = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["logging"][
+        "epoch_start_timestamps"]
+    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
+                           *schedule, "-device", "cpu", "--disable_tta", "-o", str(tmp_path / "bench")],
+                          timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "LabeledOnlyTrainer: resuming the unfinished training in" in result.stdout
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2
+    started = final["logging"]["epoch_start_timestamps"]
+    assert len(started) == 2 and started[0] == first_epoch[0]  # epoch 1 kept from the checkpoint, not retrained
+    assert not (fold / "checkpoint_latest.pth").exists()
+    record = json.loads((fold / RUN_RECORD).read_text())
+    assert record["resumed"] is True and record["train_seconds"] is None  # the cut-off part's time is unknown
+    assert "| LabeledOnlyTrainer |" in (tmp_path / "bench" / "benchmark.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("record_schedule, message", [
+    (None, "holds an unfinished training (checkpoint_latest.pth) that this benchmark did not start"),
+    ({"epochs": "5", "iterations": "1", "val_iterations": "2"}, "holds an unfinished training started with schedule"),
+])
+def test_benchmark_does_not_overwrite_an_unfinished_training_it_cannot_resume(demo, tmp_path, record_schedule,
+                                                                             message):
+    from nnunetv2_diffcl.benchmark import RUN_RECORD
+
+    out, _ = demo
+    fold = interrupted_copy(out, tmp_path / "results")
+    if record_schedule is None:  # trained by hand, say: no record of the demo's benchmark steps
+        (fold / RUN_RECORD).unlink()
+    else:
+        (fold / RUN_RECORD).write_text(json.dumps({"schedule": record_schedule, "train_seconds": None}))
+    before = (fold / "checkpoint_latest.pth").read_bytes()
+    result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
+                           *DEMO_SCHEDULE, "-device", "cpu", "-o", str(tmp_path / "bench")], timeout=300,
+                          env={**benchmark_env(out), "nnUNet_results": str(tmp_path / "results")})
+    assert result.returncode == 1 and message in result.stderr and str(fold) in result.stderr
+    assert "train_LabeledOnlyTrainer" not in result.stdout
+    assert (fold / "checkpoint_latest.pth").read_bytes() == before and not (fold / "checkpoint_final.pth").exists()
 
 
 def test_run_record_holds_what_changes_the_model_and_nothing_else():
