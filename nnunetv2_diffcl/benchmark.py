@@ -149,9 +149,9 @@ def check_reusable_runs(results_roots: list[Path], dataset_name: str, trainers: 
 
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
                  predictions_root: Path, training_env: dict, predict_args: list[str] | None = None,
-                 step_suffix: str = "") -> list[dict]:
+                 step_suffix: str = "", predict_processes: tuple[int, int] = (1, 1)) -> list[dict]:
     """Train (unless finished; an interrupted training is resumed with ``--c``), predict imagesTs and evaluate
-    against labelsTs, for each trainer."""
+    against labelsTs, for each trainer. ``predict_processes`` are nnUNetv2_predict's ``-npp`` and ``-nps``."""
     from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
     from nnunetv2_diffcl.file_io import write_json_atomic
 
@@ -177,8 +177,8 @@ def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configu
         out = predictions_root / trainer
         flow.run(f"predict_{trainer}{step_suffix}", [
             tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", dataset_name,
-            "-c", configuration, "-f", "all", "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1",
-            *(predict_args or [])], training_env)
+            "-c", configuration, "-f", "all", "-tr", trainer, "-device", device,
+            "-npp", str(predict_processes[0]), "-nps", str(predict_processes[1]), *(predict_args or [])], training_env)
         summary = evaluate_folders(raw / "labelsTs", out, output_file=out / "summary.json")
         stats = summary["mean_over_classes"]
         rows.append({"trainer": trainer, "train_seconds": seconds, "n_cases": summary["n_cases_evaluated"],
@@ -289,6 +289,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/diffcl_benchmark)")
     parser.add_argument("-device", default="cuda", help="cuda or cpu")
     parser.add_argument("--disable_tta", action="store_true")
+    parser.add_argument("-npp", type=int, default=1, help="nnUNetv2_predict's preprocessing processes (default 1)")
+    parser.add_argument("-nps", type=int, default=1,
+                        help="nnUNetv2_predict's export processes (default 1). -npp 0 -nps 0 predicts in one "
+                             "process (nnU-Net's sequential mode): faster for a few small test cases, as on a CPU")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,6 +304,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.repeats < 1:
         print("ERROR: --repeats must be at least 1", file=sys.stderr)
+        return 1
+    if args.npp < 0 or args.nps < 0 or (args.npp == 0) != (args.nps == 0):
+        print(f"ERROR: -npp {args.npp} -nps {args.nps}: give both 0 (predict in one process) or both at least 1 "
+              f"(nnUNetv2_predict runs sequentially only when both are 0)", file=sys.stderr)
         return 1
     try:
         dataset = str(maybe_convert_to_dataset_name(args.d))  # numpy string otherwise
@@ -338,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for k, repeat_env, predictions, suffix in repeats:
             for row in run_trainers(flow, dataset, args.trainers, args.c, args.device, predictions, repeat_env,
-                                    ["--disable_tta"] if args.disable_tta else [], suffix):
+                                    ["--disable_tta"] if args.disable_tta else [], suffix, (args.npp, args.nps)):
                 runs.append({**row, "repeat": k})
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)

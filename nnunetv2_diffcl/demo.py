@@ -118,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
                                          "3d_fullres", "-np", "2", "-npfp", "2"], planning_env)
         flow.run("preprocess_unlabeled", [tool("nnUNetv2_diffcl"), "preprocess_unlabeled", "-d", str(DATASET_ID),
                                           "-np", "2"])
+        # a few small test cases: predicted in one process, not waiting for worker processes to start
         rows = run_trainers(flow, DATASET_NAME, args.trainers, "3d_fullres", args.device, out / "predictions",
-                            training_env)
+                            training_env, predict_processes=(0, 0))
         predictions = {r["trainer"]: out / "predictions" / r["trainer"] for r in rows}
         case = sorted(rows[0]["per_case_dice"])[0]
         overlay = write_overlays(out, raw, predictions, case)

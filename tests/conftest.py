@@ -73,7 +73,7 @@ class PlannedDataset:
         out = self.root / "predictions"
         run_command([command("nnUNetv2_predict"), "-i", str(self.raw / "imagesTs"), "-o", str(out), "-d",
                      str(DATASET_ID), "-c", "3d_fullres", "-f", "all", "-tr", trainer, "-device", "cpu",
-                     "--disable_tta", "-npp", "1", "-nps", "1"], env)
+                     "--disable_tta", "-npp", "0", "-nps", "0"], env)  # one process: no workers to start
         return out
 
 

@@ -52,16 +52,18 @@ def benchmark_env(out: Path) -> dict:
 
 
 DEMO_SCHEDULE = ["--epochs", "1", "--iterations", "1", "--val-iterations", "2"]  # what the demo fixture trained
+ONE_PROCESS = ["-npp", "0", "-nps", "0"]  # nnUNetv2_predict without worker processes: 2 small cases
 
 
 def test_benchmark_reuses_finished_trainings_and_writes_its_report(demo, tmp_path):
     out, _ = demo
     report = tmp_path / "bench"
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", *TRAINERS,
-                           *DEMO_SCHEDULE, "-device", "cpu", "--disable_tta", "-o", str(report)],
+                           *DEMO_SCHEDULE, "-device", "cpu", "--disable_tta", *ONE_PROCESS, "-o", str(report)],
                           timeout=900, env=benchmark_env(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("exists, not retrained") == 2  # resumable: finished trainers are reused
+    assert result.stdout.count("-npp 0 -nps 0") == len(TRAINERS)  # -npp / -nps reach nnUNetv2_predict
     data = json.loads((report / "benchmark.json").read_text())
     assert [r["trainer"] for r in data["rows"]] == TRAINERS
     demo_rows = json.loads((out / "results.json").read_text())["rows"]
@@ -117,7 +119,7 @@ def test_benchmark_resumes_an_interrupted_training_with_c(demo, tmp_path):
     first_epoch = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["logging"][
         "epoch_start_timestamps"]
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
-                           *schedule, "-device", "cpu", "--disable_tta", "-o", str(tmp_path / "bench")],
+                           *schedule, "-device", "cpu", "--disable_tta", *ONE_PROCESS, "-o", str(tmp_path / "bench")],
                           timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "LabeledOnlyTrainer: resuming the unfinished training in" in result.stdout
@@ -167,7 +169,7 @@ def test_benchmark_repeats_train_from_scratch_and_report_the_spread(demo, tmp_pa
     out, _ = demo
     report = tmp_path / "bench"
     args = [command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
-            *DEMO_SCHEDULE, "--repeats", "2", "-device", "cpu", "--disable_tta", "-o", str(report)]
+            *DEMO_SCHEDULE, "--repeats", "2", "-device", "cpu", "--disable_tta", *ONE_PROCESS, "-o", str(report)]
     result = run_captured(args, timeout=900, env=benchmark_env(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for k in (1, 2):  # each repeat trained its own model, not the demo's
@@ -185,6 +187,21 @@ def test_benchmark_repeats_train_from_scratch_and_report_the_spread(demo, tmp_pa
     # run again: both repeats are reused, nothing retrained
     again = run_captured(args, timeout=900, env=benchmark_env(out))
     assert again.returncode == 0 and again.stdout.count("exists, not retrained") == 2
+
+
+@pytest.mark.parametrize("npp, nps", [("0", "1"), ("2", "0"), ("-1", "-1")])
+def test_benchmark_refuses_predict_processes_nnunet_cannot_run(npp, nps, monkeypatch, capsys):
+    """nnUNetv2_predict runs in one process only when both are 0; 0 and 1 would fail after every training."""
+    import argparse
+
+    from nnunetv2_diffcl.benchmark import configure_parser, run
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, "/nonexistent")
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert run(parser.parse_args(["-d", "990", "-npp", npp, "-nps", nps])) == 1
+    assert f"-npp {npp} -nps {nps}: give both 0" in capsys.readouterr().err
 
 
 def test_benchmark_needs_test_labels(demo, tmp_path):
