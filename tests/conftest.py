@@ -21,6 +21,10 @@ DATASET_NAME = "Dataset991_DiffCLSynthetic"
 # a copy of a labeled image, placed among the unlabeled ones: its preprocessing must equal nnU-Net's
 COPY_OF_LABELED = ("syn_000", "copy_of_syn_000")
 
+# a loss term as SemiSupervisedTrainer logs it ("train terms: ...", 4 decimals); nnU-Net's Dice + CE is CE minus
+# the soft Dice, so any term can be negative (cs_pseudo -0.2128 was seen in CI)
+LOGGED_TERM = r"-?\d+\.\d{4}"
+
 CPU_ENV = {
     "nnUNet_n_proc_DA": "0",
     "nnUNet_def_n_proc": "1",

@@ -16,7 +16,7 @@ from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY, SemiSuper
 from nnunetv2_diffcl.data.unlabeled import UnlabeledDataError, manifest_file
 from nnunetv2_diffcl.trainers.cps import CPSTrainer
 from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY, sigmoid_rampup
-from tests.conftest import DATASET_ID, command, run_command
+from tests.conftest import DATASET_ID, LOGGED_TERM, command, run_command
 
 
 def make_trainer(dataset, cls=CPSTrainer) -> CPSTrainer:
@@ -200,7 +200,7 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     fold = dataset_copy.results / "CPSTrainer__nnUNetPlans__3d_fullres" / "fold_all"
     assert {"checkpoint_final.pth", "progress.png", "debug.json"} <= set(os.listdir(fold))
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
-    number = r"-?\d+\.\d{4}"  # Dice + CE is CE minus the soft Dice: any term can be negative
+    number = LOGGED_TERM
     assert len(re.findall(rf"train terms: sup_a {number}, sup_b {number}, pseudo_a {number}, pseudo_b {number}",
                           log)) == 2
     first = torch.load(fold / "checkpoint_final.pth", weights_only=False)
