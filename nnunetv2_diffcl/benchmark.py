@@ -6,6 +6,13 @@ exists is not retrained), predicts ``imagesTs`` with ``nnUNetv2_predict`` and is
 ``labelsTs`` (Dice, Jaccard, HD95, ASD; mm and voxels). Writes ``benchmark.md`` (table),
 ``benchmark.json`` and ``benchmark.png`` (bar plot) into the output folder. The demo runs the same
 steps through :func:`run_trainers`.
+
+With ``--reference`` an all-labeled copy of the dataset (``nnUNetv2_diffcl synthetic --domains
+--all-labeled-id``) is the upper reference: LabeledOnlyTrainer trained on it predicts the main
+dataset's test set, and every trainer's "gap closed" between LabeledOnlyTrainer (0) and it (1) is
+reported. Whenever LabeledOnlyTrainer is benchmarked, the table counts each trainer's test cases
+that beat it ("wins vs labeled-only"), since a mean Dice can hide a method that helps a few cases
+and harms most.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import time
 from pathlib import Path
 
 DEFAULT_TRAINERS = ["LabeledOnlyTrainer", "CPSTrainer", "DiffCLTrainer"]
+LOWER_REFERENCE = "LabeledOnlyTrainer"  # trained on the labeled cases only: what every other trainer must beat
+REFERENCE_ROW = "all-labeled reference"  # LOWER_REFERENCE trained on --reference: every training case labeled
+PLANS = "nnUNetPlans"  # the benchmark trains with nnU-Net's default plans
 METRICS = [("dice", "Dice", 1.0), ("jaccard", "Jaccard", 1.0), ("hd95_mm", "HD95 mm", 1.0),
            ("asd_mm", "ASD mm", 1.0), ("hd95_vox", "HD95 vox", 1.0), ("asd_vox", "ASD vox", 1.0)]
 
@@ -147,15 +157,114 @@ def check_reusable_runs(results_roots: list[Path], dataset_name: str, trainers: 
             check_run(fold_dir_of(root, dataset_name, trainer, configuration), schedule)
 
 
+def check_reference_trainers(trainers: list[str]) -> None:
+    """The all-labeled reference is only read against the lower one: both must be in the benchmark."""
+    if LOWER_REFERENCE not in trainers:
+        raise RuntimeError(f"--reference needs {LOWER_REFERENCE} among --trainers (it is the lower reference: "
+                           f"'gap closed' runs from it, 0, to the all-labeled reference, 1); add {LOWER_REFERENCE} "
+                           f"to --trainers {' '.join(trainers)}")
+
+
+def _dataset_id(dataset_name: str) -> str:
+    """``Dataset994_Name`` -> ``994`` for the commands printed in messages (the name if it is not nnU-Net's form)."""
+    return str(int(dataset_name[7:10])) if dataset_name[:7] == "Dataset" and dataset_name[7:10].isdigit() \
+        else dataset_name
+
+
+def _configuration(plans: dict, configuration: str, what: str) -> dict:
+    """A configuration of a plans dict with its ``inherits_from`` chain resolved, as nnU-Net's PlansManager does."""
+    configurations = plans.get("configurations", {})
+    resolved: dict = {}
+    chain = [configuration]
+    while True:
+        if chain[-1] not in configurations:
+            raise RuntimeError(f"{what} has no configuration {chain[-1]!r} (it has {sorted(configurations)})")
+        parent = configurations[chain[-1]].get("inherits_from")
+        if parent is None:
+            break
+        if parent in chain:
+            raise RuntimeError(f"{what}: configuration {configuration!r} inherits from itself ({' -> '.join(chain)})")
+        chain.append(parent)
+    for name in reversed(chain):
+        resolved.update(configurations[name])
+    return resolved
+
+
+def reference_fix(main: str, reference: str, configuration: str) -> str:
+    """The commands that give the reference the main dataset's plans and preprocess it with them."""
+    m, r = _dataset_id(main), _dataset_id(reference)
+    return (f"`nnUNetv2_move_plans_between_datasets -s {m} -t {r} -sp {PLANS} -tp {PLANS}`, then "
+            f"`nnUNetv2_preprocess -d {r} -c {configuration}`")
+
+
+def check_reference_plans(main_plans: dict, reference_plans: dict, configuration: str, main: str,
+                          reference: str) -> None:
+    """The reference trains with the main dataset's batch and patch size, or the gap it spans would partly be the
+    gap between two plans, not between labeled fractions."""
+    ours = _configuration(main_plans, configuration, f"{PLANS}.json of {main}")
+    theirs = _configuration(reference_plans, configuration, f"{PLANS}.json of {reference}")
+    for key in ("batch_size", "patch_size"):
+        if ours.get(key) != theirs.get(key):
+            raise RuntimeError(
+                f"configuration {configuration}: {reference} is planned with {key} {theirs.get(key)}, {main} with "
+                f"{key} {ours.get(key)}; the all-labeled reference must train with the main dataset's plans. Run "
+                f"{reference_fix(main, reference, configuration)}")
+
+
+def check_reference(preprocessed_root: Path, raw_root: Path, main: str, reference: str, configuration: str) -> None:
+    """Before anything trains: the reference dataset is preprocessed for ``configuration`` with the main dataset's
+    batch and patch size, has what ``nnUNetv2_train`` reads, and labels its classes as the main dataset does."""
+    if reference == main:
+        raise RuntimeError(f"--reference {reference} is the benchmarked dataset itself; give its all-labeled copy "
+                           f"(`nnUNetv2_diffcl synthetic --domains --all-labeled-id ID` writes one)")
+    main_plans_file = preprocessed_root / main / f"{PLANS}.json"
+    if not main_plans_file.is_file():
+        raise RuntimeError(f"{main_plans_file} not found: plan {main} first (`nnUNetv2_plan_and_preprocess -d "
+                           f"{_dataset_id(main)} -c {configuration}`)")
+    base = preprocessed_root / reference
+    r = _dataset_id(reference)
+    plans_file = base / f"{PLANS}.json"
+    if not plans_file.is_file():
+        raise RuntimeError(f"{plans_file} not found: the reference is not planned. Run `nnUNetv2_extract_fingerprint "
+                           f"-d {r}`, {reference_fix(main, reference, configuration)} (copy "
+                           f"{raw_root / reference / 'dataset.json'} into {base} before preprocessing)")
+    check_reference_plans(json.loads(main_plans_file.read_text(encoding="utf-8")),
+                          json.loads(plans_file.read_text(encoding="utf-8")), configuration, main, reference)
+    if not (base / "dataset.json").is_file():  # nnU-Net's planner copies it there; moving plans does not
+        raise RuntimeError(f"{base / 'dataset.json'} not found (nnUNetv2_preprocess and nnUNetv2_train read it "
+                           f"there): copy {raw_root / reference / 'dataset.json'} to {base / 'dataset.json'}, then "
+                           f"run `nnUNetv2_preprocess -d {r} -c {configuration}`")
+    if not (base / "dataset_fingerprint.json").is_file():  # nnUNetv2_train copies it beside the model
+        raise RuntimeError(f"{base / 'dataset_fingerprint.json'} not found (nnUNetv2_train copies it): run "
+                           f"`nnUNetv2_extract_fingerprint -d {r}`")
+    data = base / _configuration(json.loads(plans_file.read_text(encoding="utf-8")), configuration,
+                                 str(plans_file)).get("data_identifier", f"{PLANS}_{configuration}")
+    if not data.is_dir() or not any(data.iterdir()):
+        raise RuntimeError(f"{data} is missing or empty: {reference} is not preprocessed for {configuration}; run "
+                           f"`nnUNetv2_preprocess -d {r} -c {configuration}`")
+    main_json = raw_root / main / "dataset.json"
+    if not main_json.is_file():
+        main_json = preprocessed_root / main / "dataset.json"
+    labels = [json.loads(file.read_text(encoding="utf-8"))["labels"] for file in (main_json, base / "dataset.json")]
+    if labels[0] != labels[1]:
+        raise RuntimeError(f"{reference} labels {labels[1]}, {main} labels {labels[0]}: the reference predicts "
+                           f"{main}'s test cases, so its labels must be the same")
+
+
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
                  predictions_root: Path, training_env: dict, predict_args: list[str] | None = None,
-                 step_suffix: str = "", predict_processes: tuple[int, int] = (1, 1)) -> list[dict]:
+                 step_suffix: str = "", predict_processes: tuple[int, int] = (1, 1),
+                 test_dataset: str | None = None) -> list[dict]:
     """Train (unless finished; an interrupted training is resumed with ``--c``), predict imagesTs and evaluate
-    against labelsTs, for each trainer. ``predict_processes`` are nnUNetv2_predict's ``-npp`` and ``-nps``."""
+    against labelsTs, for each trainer. ``predict_processes`` are nnUNetv2_predict's ``-npp`` and ``-nps``.
+
+    The models are trained on ``dataset_name``; the test set is ``test_dataset``'s (default: the same), so that a
+    model trained on an all-labeled copy of a dataset is measured on the very cases the others are.
+    """
     from nnunetv2_diffcl.evaluation.evaluate import evaluate_folders
     from nnunetv2_diffcl.file_io import write_json_atomic
 
-    raw = Path(training_env["nnUNet_raw"]) / dataset_name
+    raw = Path(training_env["nnUNet_raw"]) / (test_dataset or dataset_name)
     schedule = schedule_of(training_env)
     rows = []
     for trainer in trainers:
@@ -184,9 +293,56 @@ def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configu
         rows.append({"trainer": trainer, "train_seconds": seconds, "n_cases": summary["n_cases_evaluated"],
                      **{m: stats[m]["mean"] for m, _, _ in METRICS},
                      **{f"{m}_sd": stats[m]["std"] for m, _, _ in METRICS},
+                     "class_dice": {c: s["dice"]["mean"] for c, s in summary["per_class"].items()},
+                     "class_dice_sd": {c: s["dice"]["std"] for c, s in summary["per_class"].items()},
                      "per_case_dice": {c["case"]: c["metrics"] for c in summary["per_case"]}})
         flow.say(f"{trainer}{step_suffix}: test Dice {rows[-1]['dice']:.4f}")
     return rows
+
+
+def case_dice(per_case: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """Each case's Dice, averaged over its classes (the "Dice" column's per-case values)."""
+    return {case: sum(m["dice"] for m in classes.values()) / len(classes)
+            for case, classes in per_case.items() if classes}
+
+
+def wins_against(row: dict, baseline: dict) -> tuple[int, int]:
+    """(test cases where ``row``'s Dice beats ``baseline``'s, cases both evaluated); a tie is not a win."""
+    ours, theirs = case_dice(row["per_case_dice"]), case_dice(baseline["per_case_dice"])
+    common = sorted(set(ours) & set(theirs))
+    return sum(ours[c] > theirs[c] for c in common), len(common)
+
+
+def gap_closed(dice: float | None, lower: float | None, upper: float | None) -> float | None:
+    """Where ``dice`` lies between the labeled-only model (0) and the all-labeled reference (1); None when
+    undefined (a missing value, or a reference no better or worse than labeled-only: no gap to close)."""
+    if dice is None or lower is None or upper is None or abs(upper - lower) < 1e-12:
+        return None
+    return (dice - lower) / (upper - lower)
+
+
+def add_comparisons(runs: list[dict]) -> None:
+    """Per repeat, against that repeat's own LabeledOnlyTrainer (and all-labeled reference, if run): each run gets
+    ``wins_vs_labeled_only`` / ``wins_n_cases`` and ``gap_closed`` (None where not applicable)."""
+    for repeat in dict.fromkeys(r.get("repeat", 1) for r in runs):
+        mine = [r for r in runs if r.get("repeat", 1) == repeat]
+        lower = next((r for r in mine if r["trainer"] == LOWER_REFERENCE), None)
+        upper = next((r for r in mine if r["trainer"] == REFERENCE_ROW), None)
+        for r in mine:
+            wins = wins_against(r, lower) if lower is not None and r is not lower else (None, None)
+            r["wins_vs_labeled_only"], r["wins_n_cases"] = wins
+            applies = lower is not None and upper is not None and r is not lower and r is not upper
+            r["gap_closed"] = gap_closed(r["dice"], lower["dice"], upper["dice"]) if applies else None
+            r["gap_closed_sd"] = None
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sd (ddof 1) over repeats of the defined values."""
+    import numpy as np
+
+    defined = [v for v in values if v is not None]
+    return (float(np.mean(defined)) if defined else None,
+            float(np.std(defined, ddof=1)) if len(defined) > 1 else None)
 
 
 def combine_repeats(rows: list[dict]) -> list[dict]:
@@ -204,6 +360,19 @@ def combine_repeats(rows: list[dict]) -> list[dict]:
             row[f"{m}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         seconds = [r["train_seconds"] for r in mine if r["train_seconds"] is not None]
         row["train_seconds"] = float(np.mean(seconds)) if seconds else None
+        classes = list(dict.fromkeys(c for r in mine for c in r.get("class_dice", {})))
+        spread = {c: _mean_sd([r.get("class_dice", {}).get(c) for r in mine]) for c in classes}
+        row["class_dice"] = {c: mean for c, (mean, _) in spread.items()}
+        row["class_dice_sd"] = {c: sd for c, (_, sd) in spread.items()}
+        if any("gap_closed" in r for r in mine):
+            row["per_repeat_gap_closed"] = [r.get("gap_closed") for r in mine]
+            row["gap_closed"], row["gap_closed_sd"] = _mean_sd(row["per_repeat_gap_closed"])
+        if any(r.get("wins_vs_labeled_only") is not None for r in mine):
+            row["per_repeat_wins_vs_labeled_only"] = [r.get("wins_vs_labeled_only") for r in mine]
+            row["per_repeat_wins_n_cases"] = [r.get("wins_n_cases") for r in mine]
+        for key in ("trained_on", "trainer_class"):
+            if key in mine[0]:
+                row[key] = mine[0][key]
         combined.append(row)
     return combined
 
@@ -214,14 +383,41 @@ def _fmt(value: float | None, sd: float | None = None) -> str:
     return f"{value:.4f}" if sd is None else f"{value:.4f} ± {sd:.4f}"
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table; with repeats, ± is the sd over repeats and each repeat's Dice gets a column."""
+def class_names(dataset_json: dict) -> dict[str, str]:
+    """Foreground classes of a dataset.json as the evaluation keys them (``"1"``) -> their names; region-based
+    labels (lists of values) are left out, the evaluation reports label values."""
+    return {str(value): name for name, value in dataset_json.get("labels", {}).items()
+            if isinstance(value, int) and value != 0}
+
+
+def _wins_cell(r: dict) -> str:
+    wins = r.get("per_repeat_wins_vs_labeled_only", [r.get("wins_vs_labeled_only")])
+    totals = r.get("per_repeat_wins_n_cases", [r.get("wins_n_cases")])
+    return ", ".join("n/a" if w is None else f"{w}/{n}" for w, n in zip(wins, totals))
+
+
+def format_table(rows: list[dict], classes: dict[str, str] | None = None) -> str:
+    """Markdown table; with repeats, ± is the sd over repeats and each repeat's Dice gets a column.
+
+    Extra columns where they apply: each class's Dice (``classes``: key -> name, more than one class), "gap closed"
+    (rows with the all-labeled reference) and "wins vs labeled-only" (rows compared by :func:`add_comparisons`).
+    """
     repeated = _repeated(rows)
-    header = "| trainer | " + " | ".join(label for _, label, _ in METRICS)
+    names = [r["trainer"] for r in rows]
+    per_class = dict(classes or {}) if len(classes or {}) > 1 else {}
+    gap = REFERENCE_ROW in names and LOWER_REFERENCE in names
+    wins = LOWER_REFERENCE in names and any("wins_n_cases" in r or "per_repeat_wins_n_cases" in r for r in rows)
+    extra = [f"Dice {name}" for name in per_class.values()] + ["gap closed"] * gap + ["wins vs labeled-only"] * wins
+    header = "| trainer | " + " | ".join([label for _, label, _ in METRICS] + extra)
     header += " | Dice of each repeat | train time (mean) |" if repeated else " | train time |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 2 + repeated)]
+    lines = [header, "|" + "---|" * (len(METRICS) + len(extra) + 2 + repeated)]
     for r in rows:
         cells = [_fmt(r[m], r[f"{m}_sd"]) for m, _, _ in METRICS]
+        cells += [_fmt(r.get("class_dice", {}).get(c), r.get("class_dice_sd", {}).get(c)) for c in per_class]
+        if gap:
+            cells.append(_fmt(r.get("gap_closed"), r.get("gap_closed_sd")))
+        if wins:
+            cells.append(_wins_cell(r))
         if repeated:
             cells.append(", ".join(f"{d:.3f}" for d in r["per_repeat_dice"]))
         train = "not recorded" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s"
@@ -257,14 +453,24 @@ def bar_plot(rows: list[dict], path: Path) -> None:
 
 
 def write_report(out: Path, rows: list[dict], settings: dict, total_seconds: float,
-                 runs: list[dict] | None = None) -> str:
+                 runs: list[dict] | None = None, classes: dict[str, str] | None = None) -> str:
     """benchmark.md, benchmark.json (rows, every single run, settings) and benchmark.png, each written whole or
     not at all."""
     from nnunetv2_diffcl.file_io import write_json_atomic, write_text_atomic
 
-    table = format_table(rows)
+    table = format_table(rows, classes)
     spread = ("± is the standard deviation over repeats of each repeat's mean over test cases" if _repeated(rows)
               else "± is the standard deviation over test cases")
+    names = [r["trainer"] for r in rows]
+    if REFERENCE_ROW in names:
+        spread += (f". {REFERENCE_ROW}: {LOWER_REFERENCE} trained on {settings.get('reference')} (every training "
+                   f"case labeled), tested on {settings.get('dataset')}'s test cases. gap closed: (Dice - Dice of "
+                   f"{LOWER_REFERENCE}) / (Dice of the {REFERENCE_ROW} - Dice of {LOWER_REFERENCE}), each repeat's "
+                   f"models against each other; 0 is no better than labeled-only, 1 as good as every case labeled"
+                   + (", mean ± sd over repeats" if _repeated(rows) else ""))
+    if LOWER_REFERENCE in names and any("wins_n_cases" in r or "per_repeat_wins_n_cases" in r for r in rows):
+        spread += (f". wins vs labeled-only: test cases whose Dice (mean over classes) is higher than "
+                   f"{LOWER_REFERENCE}'s of the same repeat (ties are no win), each repeat")
     write_json_atomic({"rows": rows, "runs": runs or rows, "settings": settings, "total_seconds": total_seconds},
                       out / "benchmark.json")
     listed = "\n".join(f"- {key}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
@@ -293,6 +499,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-nps", type=int, default=1,
                         help="nnUNetv2_predict's export processes (default 1). -npp 0 -nps 0 predicts in one "
                              "process (nnU-Net's sequential mode): faster for a few small test cases, as on a CPU")
+    parser.add_argument("--reference", default=None, metavar="DATASET",
+                        help="id or name of an all-labeled copy of the dataset (`synthetic --domains "
+                             "--all-labeled-id`), preprocessed with the dataset's plans: LabeledOnlyTrainer trained "
+                             "on it is the upper reference, tested on this dataset's test set; adds 'gap closed'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,7 +520,10 @@ def run(args: argparse.Namespace) -> int:
               f"(nnUNetv2_predict runs sequentially only when both are 0)", file=sys.stderr)
         return 1
     try:
+        if args.reference is not None:
+            check_reference_trainers(args.trainers)
         dataset = str(maybe_convert_to_dataset_name(args.d))  # numpy string otherwise
+        reference = None if args.reference is None else str(maybe_convert_to_dataset_name(args.reference))
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
@@ -334,27 +547,42 @@ def run(args: argparse.Namespace) -> int:
                             out / f"repeat_{k}" / "predictions", f"_repeat{k}"))
     try:
         check_trainers(args.trainers, schedule_of(env))
-        check_reusable_runs([Path(e["nnUNet_results"]) for _, e, _, _ in repeats], dataset, args.trainers, args.c,
-                            schedule_of(env))
+        results_roots = [Path(e["nnUNet_results"]) for _, e, _, _ in repeats]
+        check_reusable_runs(results_roots, dataset, args.trainers, args.c, schedule_of(env))
+        if reference is not None:
+            check_reference(Path(os.environ["nnUNet_preprocessed"]), Path(os.environ["nnUNet_raw"]), dataset,
+                            reference, args.c)
+            check_reusable_runs(results_roots, reference, [LOWER_REFERENCE], args.c, schedule_of(env))
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
     flow = Workflow(out, env)
     flow.say(f"benchmark of {', '.join(args.trainers)} on {dataset} ({args.c}, fold all, {args.repeats} repeat(s)) "
-             f"-> {out}")
+             f"-> {out}" + ("" if reference is None else f"; {REFERENCE_ROW}: {LOWER_REFERENCE} on {reference}"))
     runs = []
+    predict_args = ["--disable_tta"] if args.disable_tta else []
     try:
         for k, repeat_env, predictions, suffix in repeats:
             for row in run_trainers(flow, dataset, args.trainers, args.c, args.device, predictions, repeat_env,
-                                    ["--disable_tta"] if args.disable_tta else [], suffix, (args.npp, args.nps)):
+                                    predict_args, suffix, (args.npp, args.nps)):
                 runs.append({**row, "repeat": k})
+            if reference is not None:  # same schedule and results root; this dataset's test set
+                (row,) = run_trainers(flow, reference, [LOWER_REFERENCE], args.c, args.device,
+                                      predictions.with_name("predictions_reference"), repeat_env, predict_args,
+                                      f"_reference{suffix}", (args.npp, args.nps), test_dataset=dataset)
+                runs.append({**row, "trainer": REFERENCE_ROW, "trainer_class": LOWER_REFERENCE,
+                             "trained_on": reference, "repeat": k})
     except RuntimeError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 1
+    add_comparisons(runs)
     rows = combine_repeats(runs) if args.repeats > 1 else runs
     settings = {"dataset": dataset, "configuration": args.c, "trainers": args.trainers, "repeats": args.repeats,
                 **{key: env.get(var, "trainer default") for key, var in SCHEDULE_VARIABLES.items()},
-                "device": args.device, "tta": not args.disable_tta}
-    table = write_report(out, rows, settings, time.time() - flow.start, runs)
+                "device": args.device, "tta": not args.disable_tta,
+                **({} if reference is None else {"reference": reference})}
+    dataset_json = Path(os.environ["nnUNet_raw"]) / dataset / "dataset.json"
+    classes = class_names(json.loads(dataset_json.read_text(encoding="utf-8"))) if dataset_json.is_file() else {}
+    table = write_report(out, rows, settings, time.time() - flow.start, runs, classes)
     print(f"\n{table}\n\nreport: {out / 'benchmark.md'}, {out / 'benchmark.json'}, {out / 'benchmark.png'}")
     return 0
