@@ -140,13 +140,18 @@ class DDIMSampler:
     The timesteps are spread evenly over [0, T-1] in descending order (T-1 first, 0 last; with one
     step only T-1). The model output at the last step (t = 0) is returned as the final x0 logits.
     ``eta = 0`` is the deterministic DDIM; ``eta = 1`` matches the DDPM posterior variance.
+    ``signal_scale`` is the scale the label signal was trained at (x0 = scale * [-1, 1] label).
     """
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, eta: float = 0.0) -> None:
+    def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, eta: float = 0.0,
+                 signal_scale: float = 1.0) -> None:
         total = schedule.num_timesteps
         assert 1 <= num_steps <= total, f"num_steps must lie in [1, {total}] (schedule steps), got {num_steps}"
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if not signal_scale > 0:
+            raise ValueError(f"signal_scale must be > 0, got {signal_scale}")
+        self.signal_scale = float(signal_scale)
         self.schedule = schedule
         self.num_steps = int(num_steps)
         self.eta = float(eta)
@@ -180,7 +185,7 @@ class DDIMSampler:
                 break
             abar_t = abar_all[step]
             abar_prev = abar_all[self.timesteps[i + 1]]
-            x0_hat = logits_to_signal(logits)
+            x0_hat = self.signal_scale * logits_to_signal(logits)
             eps_hat = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
             sigma = self.eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
             direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps_hat

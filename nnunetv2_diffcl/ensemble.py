@@ -99,7 +99,8 @@ def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print
                         enable_deep_supervision=False)
     steps = args.ddim_steps or trainer_class.ddim_steps
     schedule = NoiseSchedule(trainer_class.diffusion_timesteps, trainer_class.noise_schedule).to(device)
-    predictor.network = DSCSEnsemble(predictor.network, ds, DDIMSampler(schedule, steps), num_classes, args.seed)
+    sampler = DDIMSampler(schedule, steps, signal_scale=trainer_class.ds_signal_scale)
+    predictor.network = DSCSEnsemble(predictor.network, ds, sampler, num_classes, args.seed)
     predictor.list_of_parameters = ensemble_parameters(checkpoints)
     predictor.network.load_state_dict(predictor.list_of_parameters[0])
     log(f"DS + CS ensemble of {args.tr} (folds {args.f}, DS with {steps} DDIM steps)")

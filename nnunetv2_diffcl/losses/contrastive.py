@@ -119,6 +119,17 @@ def supervised_infonce(queries: torch.Tensor, query_labels: torch.Tensor, keys: 
     return (-(log_prob * positives).sum(1) / positives.sum(1)).mean()
 
 
+@torch.no_grad()
+def infonce_floor(query_labels: torch.Tensor, key_labels: torch.Tensor) -> float:
+    """The smallest value ``supervised_infonce`` can take for these labels: mean over queries (with a positive)
+    of ln(number of positives). -mean over positives of log p is smallest when all of a query's probability
+    lies on its P positives, equally (p = 1/P): then it is ln P. The loss minus this floor is what is left to
+    learn; NaN when no query has a positive."""
+    positives = (query_labels[:, None] == key_labels[None, :]).sum(1)
+    positives = positives[positives > 0]
+    return float(positives.double().log().mean()) if positives.numel() else float("nan")
+
+
 def all_gather_samples(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples of every rank (for the shared memory bank under DDP); identity without DDP."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+def full_resolution(outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The highest-resolution output of a network (deep supervision gives a list, highest first)."""
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+
+
 @torch.no_grad()
 def hard_pseudo_label(logits: torch.Tensor, has_regions: bool) -> torch.Tensor:
     """Argmax label map (B, 1, ...) for softmax training; thresholded region maps for region training."""
@@ -34,8 +39,7 @@ def targets_like(label: torch.Tensor, outputs: torch.Tensor | Sequence[torch.Ten
 def pseudo_label_targets(outputs: torch.Tensor | Sequence[torch.Tensor], has_regions: bool
                          ) -> torch.Tensor | list[torch.Tensor]:
     """Hard pseudo-label of the highest-resolution output, as targets for ``outputs``' structure."""
-    full = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-    return targets_like(hard_pseudo_label(full, has_regions), outputs)
+    return targets_like(hard_pseudo_label(full_resolution(outputs), has_regions), outputs)
 
 
 def split_batch(outputs: torch.Tensor | Sequence[torch.Tensor], n_first: int):
@@ -43,3 +47,58 @@ def split_batch(outputs: torch.Tensor | Sequence[torch.Tensor], n_first: int):
     if isinstance(outputs, torch.Tensor):
         return outputs[:n_first], outputs[n_first:]
     return [o[:n_first] for o in outputs], [o[n_first:] for o in outputs]
+
+
+@torch.no_grad()
+def label_and_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax label (B, 1, ...) as int16 and the teacher's probability of it (B, 1, ...), for softmax outputs."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    confidence, label = probabilities.max(dim=1, keepdim=True)
+    return label.to(torch.int16), confidence
+
+
+@torch.no_grad()
+def masked_pseudo_label(label: torch.Tensor, keep: torch.Tensor, ignore_value: int) -> torch.Tensor:
+    """``label`` with ``ignore_value`` wherever ``keep`` is False: those voxels leave the loss entirely
+    (nnU-Net's ignore-label mechanism), rather than being taught as background."""
+    return torch.where(keep, label, torch.full_like(label, ignore_value))
+
+
+def random_boxes(batch: int, spatial: tuple[int, ...], fraction: float, device: torch.device,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One axis-aligned box per sample, ``fraction`` of the patch along every axis, at a random place:
+    a bool mask (B, 1, *spatial), True inside the box."""
+    mask = torch.zeros((batch, 1, *spatial), dtype=torch.bool, device=device)
+    for b in range(batch):
+        index: list[slice] = []
+        for size in spatial:
+            side = max(1, int(round(fraction * size)))
+            start = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+            index.append(slice(start, start + side))
+        mask[(b, 0, *index)] = True
+    return mask
+
+
+@torch.no_grad()
+def copy_paste(into: torch.Tensor, source: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """``into`` with ``source`` pasted inside ``box`` (B, 1, *spatial; broadcast over channels).
+
+    Images and their (pseudo-)labels are pasted with the same box, so every pasted voxel keeps its label.
+    """
+    if into.shape[0] != source.shape[0] or into.shape[2:] != source.shape[2:]:
+        raise ValueError(f"copy_paste needs matching batch and spatial shapes, got {tuple(into.shape)} and "
+                         f"{tuple(source.shape)}")
+    return torch.where(box, source.to(into.dtype), into)
+
+
+@torch.no_grad()
+def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
+    """Mean over foreground classes of the hard Dice between two label maps; classes absent from both are left
+    out, and NaN when every class is absent (nothing to measure)."""
+    scores = []
+    for c in range(1, num_classes):
+        in_a, in_b = a == c, b == c
+        total = int(in_a.sum()) + int(in_b.sum())
+        if total:
+            scores.append(2.0 * int((in_a & in_b).sum()) / total)
+    return float(sum(scores) / len(scores)) if scores else float("nan")

@@ -1,15 +1,29 @@
 """The plugin's trainers. ``PLUGIN_TRAINERS`` is the one list nnU-Net's lookup and ``doctor`` use."""
 
-from nnunetv2_diffcl.trainers.cps import CPSTrainer
+from nnunetv2_diffcl.trainers.cps import (
+    CPSTrainer,
+    CPSTrainer_noConfidenceMask,
+    CPSTrainer_noEMA,
+    CPSTrainer_noPerturbation,
+    CPSTrainer_noWarmup,
+    CPSTrainer_original,
+)
 from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
     DiffCLTrainer_DDIM20,
+    DiffCLTrainer_dsScale01,
+    DiffCLTrainer_noAgreement,
+    DiffCLTrainer_noConfidenceMask,
     DiffCLTrainer_noContrastive,
     DiffCLTrainer_noDiffusion,
+    DiffCLTrainer_noEMA,
     DiffCLTrainer_noHFMamba,
+    DiffCLTrainer_noPerturbation,
+    DiffCLTrainer_noWarmup,
+    DiffCLTrainer_original,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.labeled_only import LabeledOnlyTrainer
@@ -18,10 +32,22 @@ PLUGIN_TRAINERS: list = [
     LabeledOnlyTrainer,
     HFMambaTrainer,
     CPSTrainer,
+    CPSTrainer_noWarmup,
+    CPSTrainer_noConfidenceMask,
+    CPSTrainer_noPerturbation,
+    CPSTrainer_noEMA,
+    CPSTrainer_original,
     DiffCLTrainer,
     DiffCLTrainer_noHFMamba,
     DiffCLTrainer_noContrastive,
     DiffCLTrainer_noDiffusion,
+    DiffCLTrainer_noWarmup,
+    DiffCLTrainer_noConfidenceMask,
+    DiffCLTrainer_noAgreement,
+    DiffCLTrainer_noPerturbation,
+    DiffCLTrainer_noEMA,
+    DiffCLTrainer_dsScale01,
+    DiffCLTrainer_original,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,

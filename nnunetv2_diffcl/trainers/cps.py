@@ -4,7 +4,11 @@ Two networks from the same plans, initialised differently, both trained on the l
 nnU-Net's Dice + CE (deep supervision as nnU-Net), and each trained on the other's hard (argmax)
 pseudo-label of the unlabeled batch:
 
-    L = L_sup(A) + L_sup(B) + ramp(t) * cps_weight * (L(A, argmax B) + L(B, argmax A))
+    L = L_sup(A) + L_sup(B) + w(t) * cps_weight * (L(A, label_B) + L(B, label_A))
+
+with the base class's dynamics: w(t) = 0 during the warm-up (then the step is two labeled-only nnU-Net
+steps), the teachers' labels masked where they are unconfident, the student's unlabeled input perturbed
+more strongly than the teacher's (copy-paste of a labeled box), and label_X from an EMA of X.
 
 Network A is ``self.network``: it is saved as ``network_weights`` and used by ``nnUNetv2_predict``.
 """
@@ -15,31 +19,88 @@ from typing import Any
 
 import torch
 
-from nnunetv2_diffcl.losses.pseudo_labels import pseudo_label_targets, split_batch
+from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_targets, split_batch, targets_like
 from nnunetv2_diffcl.trainers.semi_supervised import AuxiliaryNetwork, SemiSupervisedTrainer
 
 
 class CPSTrainer(SemiSupervisedTrainer):
+    """Two planned networks teaching each other; the dynamics attributes of SemiSupervisedTrainer apply."""
+
     loss_terms = ("sup_a", "sup_b", "pseudo_a", "pseudo_b")
+    primary_name = "a"
     cps_weight: float = 1.0
 
     def build_auxiliary_networks(self) -> dict[str, AuxiliaryNetwork]:
         network_b = self.new_planned_network()
-        return {"network_b": AuxiliaryNetwork(network_b, *self.optimizer_for(network_b))}
+        aux = {"network_b": AuxiliaryNetwork(network_b, *self.optimizer_for(network_b))}
+        if self.ema_teacher:
+            aux["ema_a"] = self.ema_copy("ema_a", self.primary_name, self.network)
+            aux["ema_b"] = self.ema_copy("ema_b", "network_b", network_b)
+        return aux
 
     def compute_losses(self, data: torch.Tensor, target: Any, data_u: torch.Tensor, weight: float
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         network_b = self.auxiliary["network_b"].module
-        both = torch.cat([data, data_u])
-        # one pass per network over labeled + unlabeled (instance norm keeps samples independent)
-        labeled_a, unlabeled_a = split_batch(self.network(both), data.shape[0])
-        labeled_b, unlabeled_b = split_batch(network_b(both), data.shape[0])
-        regions = self.label_manager.has_regions
+        if weight == 0.0:  # warm-up: exactly nnU-Net's labeled-only step for each network
+            terms = {"sup_a": self.loss(self.network(data), target), "sup_b": self.loss(network_b(data), target)}
+            zero = torch.zeros((), device=data.device)
+            return terms["sup_a"] + terms["sup_b"], {**terms, "pseudo_a": zero, "pseudo_b": zero}
+        n = data.shape[0]
+        if self.student_perturbation == "none" and not self.ema_teacher and self.pseudo_label_threshold is None:
+            # the original CPS: one pass per network, each one's unlabeled output teaches the other
+            labeled_a, unlabeled_a = split_batch(self.network(torch.cat([data, data_u])), n)
+            labeled_b, unlabeled_b = split_batch(network_b(torch.cat([data, data_u])), n)
+            target_a = pseudo_label_targets(unlabeled_b, self.label_manager.has_regions)
+            target_b = pseudo_label_targets(unlabeled_a, self.label_manager.has_regions)
+        else:
+            with torch.no_grad():  # the teachers see the unlabeled patch as the loader gave it
+                _, label_for_b = self.pseudo_target(full_resolution(self.teacher(self.primary_name)(data_u)))
+                _, label_for_a = self.pseudo_target(full_resolution(self.teacher("network_b")(data_u)))
+            target_full = target[0] if isinstance(target, list) else target
+            student_u, (label_for_a, label_for_b) = self.student_input(data, target_full, data_u,
+                                                                       [label_for_a, label_for_b])
+            labeled_a, unlabeled_a = split_batch(self.network(torch.cat([data, student_u])), n)
+            labeled_b, unlabeled_b = split_batch(network_b(torch.cat([data, student_u])), n)
+            target_a, target_b = targets_like(label_for_a, unlabeled_a), targets_like(label_for_b, unlabeled_b)
         terms = {
             "sup_a": self.loss(labeled_a, target),
             "sup_b": self.loss(labeled_b, target),
-            "pseudo_a": self.loss(unlabeled_a, pseudo_label_targets(unlabeled_b, regions)),
-            "pseudo_b": self.loss(unlabeled_b, pseudo_label_targets(unlabeled_a, regions)),
+            "pseudo_a": self.pseudo_loss(unlabeled_a, target_a),
+            "pseudo_b": self.pseudo_loss(unlabeled_b, target_b),
         }
         total = terms["sup_a"] + terms["sup_b"] + weight * self.cps_weight * (terms["pseudo_a"] + terms["pseudo_b"])
         return total, terms
+
+
+class CPSTrainer_noWarmup(CPSTrainer):
+    """Ablation: the unsupervised weight ramps up from the first step (no labeled-only warm-up)."""
+
+    unsupervised_warmup_fraction = 0.0
+
+
+class CPSTrainer_noConfidenceMask(CPSTrainer):
+    """Ablation: every pseudo-labeled voxel counts, however unsure the teacher."""
+
+    pseudo_label_threshold = None
+
+
+class CPSTrainer_noPerturbation(CPSTrainer):
+    """Ablation: student and teacher see the same unlabeled patch (no copy-paste)."""
+
+    student_perturbation = "none"
+
+
+class CPSTrainer_noEMA(CPSTrainer):
+    """Ablation: each network's own current prediction is the other's pseudo-label (no EMA teacher)."""
+
+    ema_teacher = False
+
+
+class CPSTrainer_original(CPSTrainer):
+    """CPS as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
+
+    unsupervised_warmup_fraction = 0.0
+    unsupervised_rampup_fraction = 0.1
+    pseudo_label_threshold = None
+    student_perturbation = "none"
+    ema_teacher = False

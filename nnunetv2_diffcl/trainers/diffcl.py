@@ -8,20 +8,26 @@ Networks
 - a projection head on CS's highest-resolution decoder features (auxiliary ``"projection_head"``) and
   a per-class FIFO memory bank of embeddings (auxiliary ``"memory_bank"``, saved, not trained).
 
-One training step, with L = nnU-Net's Dice + CE (deep supervision as nnU-Net):
+One training step after the warm-up, with L = nnU-Net's Dice + CE (deep supervision as nnU-Net) and L~ the
+same loss with masked voxels left out (nnU-Net's ignore-label mechanism):
 
-    cs_sup     = L(CS(x_l), y_l)
-    ds_sup     = L(DS(x_l, q(y_l, t), t), y_l)                       t ~ U{0..T-1}
-    ds_label   = argmax DDIM_S(DS, x_u)                              (no gradient)
-    cs_label   = argmax CS(x_u)                                      (detached)
-    cs_pseudo  = L(CS(x_u), ds_label)
-    ds_pseudo  = L(DS(x_u, q(cs_label, t'), t'), cs_label)
-    contrast   = InfoNCE(unlabeled embeddings where cs_label == ds_label, labelled by ds_label,
-                         against the bank of correctly predicted labeled embeddings)
-    total      = cs_sup + ds_sup + ramp(t) * (mu1 * ds_pseudo + mu2 * (cs_pseudo + eta * contrast))
+    teacher     = EMA of CS (``ema_teacher``), else CS itself
+    cs_label    = argmax teacher(x_u)                                 (no gradient)
+    ds_label    = argmax DDIM_S(DS, x_u)                              (no gradient)
+    x_s, y_s    = x_u and ds_label masked where DS is unsure or disagrees with cs_label, with a box of
+                  (x_l, y_l) pasted in (``student_perturbation``)
+    cs_sup      = L(CS(x_l), y_l)
+    ds_sup      = L(DS(x_l, q(y_l, t), t), y_l)                       t ~ U{0..T-1}
+    cs_pseudo   = L~(CS(x_s), y_s)
+    ds_pseudo   = L~(DS(x_u, q(cs_label, t'), t'), cs_label masked where the teacher is unsure)
+    contrast    = InfoNCE(embeddings of x_s where DS and the teacher agree, labelled by ds_label,
+                          against the bank of correctly predicted labeled embeddings)
+    total       = cs_sup + ds_sup + w(t) * (mu1 * ds_pseudo + mu2 * (cs_pseudo + eta * contrast))
 
-Each network runs one forward pass per step over the labeled and unlabeled batch together (what
-DDP needs, and faster). The agreement rate between the two pseudo-labels is logged.
+During the warm-up (w = 0) CS and DS take their labeled-only steps and nothing else runs. Logged beside the
+terms: the contrastive term minus its floor, the foreground Dice between DS's and the teacher's labels, each
+branch's Dice on the labeled batch (DS's from DDIM sampling, every ``diagnostics_every`` steps), the share of
+unlabeled voxels that CS learns from, and each network's gradient norm.
 """
 
 from __future__ import annotations
@@ -41,10 +47,17 @@ from nnunetv2_diffcl.losses.contrastive import (
     ClassMemoryBank,
     ProjectionHead,
     all_gather_samples,
+    infonce_floor,
     sample_per_class,
     supervised_infonce,
 )
-from nnunetv2_diffcl.losses.pseudo_labels import hard_pseudo_label, split_batch, targets_like
+from nnunetv2_diffcl.losses.pseudo_labels import (
+    foreground_dice,
+    full_resolution,
+    hard_pseudo_label,
+    split_batch,
+    targets_like,
+)
 from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
 from nnunetv2_diffcl.network_architectures.denoiser import build_denoiser
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
@@ -52,7 +65,16 @@ from nnunetv2_diffcl.trainers.semi_supervised import AuxiliaryNetwork, SemiSuper
 
 
 class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
-    loss_terms = ("cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "agreement")
+    """Diff-CL: CS (planned network + HF-Mamba) and DS (label denoiser) teach each other on unlabeled data.
+
+    Variants change: ``hf_mamba_stages`` (HF-Mamba), ``use_contrastive`` and the bank's sizes, ``ddim_steps``,
+    ``ds_signal_scale``, ``ds_label_agreement``, and SemiSupervisedTrainer's dynamics attributes
+    (warm-up, ramp, threshold, perturbation, EMA teacher).
+    """
+
+    loss_terms = ("cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "contrast_excess", "ds_cs_dice",
+                  "cs_dice_l", "ds_dice_l", "pseudo_kept")
+    primary_name = "cs"
 
     # objective (paper's notation)
     mu1: float = 1.0
@@ -62,6 +84,8 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     diffusion_timesteps: int = 1000
     noise_schedule: str = "linear"
     ddim_steps: int = 10
+    ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
+    ds_label_agreement: bool = True       # CS learns from DS's label only where DS agrees with CS's teacher
     # contrastive label propagation
     use_contrastive: bool = True
     contrastive_temperature: float = 0.1
@@ -69,6 +93,15 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     bank_capacity: int = 2048            # per class
     bank_samples_per_class: int = 256    # labeled voxels pushed per class and step (per rank)
     query_samples_per_class: int = 256   # unlabeled voxels contrasted per class and step
+    diagnostics_every: int = 10          # steps between DDIM samplings of the labeled batch (DS's Dice)
+
+    def check_training_options(self) -> None:
+        super().check_training_options()
+        if not self.ds_signal_scale > 0:
+            raise ValueError(f"{self.__class__.__name__}: ds_signal_scale must be > 0, got {self.ds_signal_scale}")
+        if self.diagnostics_every < 1:
+            raise ValueError(f"{self.__class__.__name__}: diagnostics_every must be >= 1, got "
+                             f"{self.diagnostics_every}")
 
     def initialize(self) -> None:
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
@@ -76,10 +109,12 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                                f"training, no ignore label); this dataset's labels: {self.dataset_json['labels']}")
         super().initialize()
         self.schedule = NoiseSchedule(self.diffusion_timesteps, self.noise_schedule).to(self.device)
-        self.sampler = DDIMSampler(self.schedule, self.ddim_steps)
+        self.sampler = DDIMSampler(self.schedule, self.ddim_steps, signal_scale=self.ds_signal_scale)
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
                                f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps}, "
-                               f"HF-Mamba stages {self.hf_mamba_stages}, contrastive {self.use_contrastive}")
+                               f"label signal scale {self.ds_signal_scale}, DS labels only where DS and CS agree "
+                               f"{self.ds_label_agreement}, HF-Mamba stages {self.hf_mamba_stages}, contrastive "
+                               f"{self.use_contrastive}")
 
     @property
     def num_classes(self) -> int:
@@ -96,83 +131,120 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             aux["projection_head"] = AuxiliaryNetwork(head, *self.optimizer_for(head))
             bank = ClassMemoryBank(self.num_classes, self.embed_dim, self.bank_capacity).to(self.device)
             aux["memory_bank"] = AuxiliaryNetwork(bank)
+        if self.ema_teacher:
+            aux["cs_ema"] = self.ema_copy("cs_ema", self.primary_name, self.network)
         return aux
 
     # ------------------------------------------------------------------------------------------ pieces
+    def ds_pseudo_logits(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DS's x0 logits for ``image`` by DDIM sampling from pure noise (no gradient)."""
+        ds = self.auxiliary["ds"].module
+        return self.sampler.sample(lambda img, x_t, t: ds(img, x_t, t), image, self.num_classes, generator)
+
     def sample_ds_pseudo_label(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DS's label for ``image`` by DDIM sampling from pure noise (no gradient): (B, 1, *spatial)."""
-        ds = self.auxiliary["ds"].module
-        logits = self.sampler.sample(lambda img, x_t, t: ds(img, x_t, t), image, self.num_classes, generator)
-        return hard_pseudo_label(logits, has_regions=False)
+        return hard_pseudo_label(self.ds_pseudo_logits(image, generator), has_regions=False)
 
     def noised(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A label map (B, 1, ...) as DS's noisy input at random timesteps: (x_t, t)."""
         t = sample_timesteps(label.shape[0], self.diffusion_timesteps, device=label.device)
-        return q_sample(self.schedule, label_map_to_signal(label, self.num_classes), t), t
+        signal = self.ds_signal_scale * label_map_to_signal(label, self.num_classes)
+        return q_sample(self.schedule, signal, t), t
+
+    def ds_train_forward(self, images: torch.Tensor, labels: torch.Tensor) -> Any:
+        """DS's outputs for ``images``, each denoising its ``labels`` noised at a random timestep."""
+        x_t, t = self.noised(labels)
+        return self.auxiliary["ds"].module(images, x_t, t)
 
     def contrastive_loss(self, embeddings_l: torch.Tensor, embeddings_u: torch.Tensor, target_l: torch.Tensor,
-                         cs_logits_l: torch.Tensor, cs_label_u: torch.Tensor, ds_label_u: torch.Tensor
-                         ) -> torch.Tensor:
+                         cs_logits_l: torch.Tensor, query_target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """InfoNCE of the unlabeled embeddings (labelled by ``query_target``, its ignore value left out) against
+        the bank, and the loss's floor for these queries; then the bank takes new labeled embeddings."""
         bank: ClassMemoryBank = self.auxiliary["memory_bank"].module
-        agree = (cs_label_u == ds_label_u)[:, 0]
-        queries, query_labels = sample_per_class(embeddings_u, ds_label_u[:, 0], agree,
+        kept = (query_target != self.ignore_value)[:, 0]
+        queries, query_labels = sample_per_class(embeddings_u, query_target[:, 0].long(), kept,
                                                  self.query_samples_per_class, self.num_classes)
         keys, key_labels = bank.keys()
         loss = supervised_infonce(queries, query_labels, keys, key_labels, self.contrastive_temperature)
+        floor = infonce_floor(query_labels, key_labels)
         # the bank learns only from labeled voxels that CS gets right; its entries are detached copies
         with torch.no_grad():
             correct = (cs_logits_l.argmax(1) == target_l[:, 0].long())
             new, new_labels = sample_per_class(embeddings_l.detach(), target_l[:, 0].long(), correct,
                                                self.bank_samples_per_class, self.num_classes)
             bank.push(*all_gather_samples(new, new_labels))
-        return loss
+        return loss, floor
 
-    def second_branch(self, both: torch.Tensor, target_l: torch.Tensor, cs_label_u: torch.Tensor
-                      ) -> tuple[Any, torch.Tensor]:
-        """DS's outputs on [labeled; unlabeled] and its pseudo-label of the unlabeled half.
-
-        DS denoises the ground truth (labeled) and CS's pseudo-label (unlabeled), each noised at a
-        random timestep; its own pseudo-label comes from DDIM sampling from pure noise.
-        """
-        n = target_l.shape[0]
-        ds_label_u = self.sample_ds_pseudo_label(both[n:])
-        x_t_l, t_l = self.noised(target_l)
-        x_t_u, t_u = self.noised(cs_label_u)
-        ds_out = self.auxiliary["ds"].module(both, torch.cat([x_t_l, x_t_u]), torch.cat([t_l, t_u]))
-        return ds_out, ds_label_u
+    def _labeled_diagnostics(self, data: torch.Tensor, target_full: torch.Tensor, cs_logits_l: torch.Tensor
+                             ) -> dict[str, float]:
+        """Each branch's hard foreground Dice on the labeled batch; DS's (sampled) every ``diagnostics_every``
+        steps, NaN in between (the epoch's mean leaves NaNs out)."""
+        ds_dice = float("nan")
+        if self.ssl_step % self.diagnostics_every == 0:
+            ds_dice = foreground_dice(self.sample_ds_pseudo_label(data), target_full, self.num_classes)
+        return {"cs_dice_l": foreground_dice(cs_logits_l.detach().argmax(1, keepdim=True), target_full,
+                                             self.num_classes), "ds_dice_l": ds_dice}
 
     # ------------------------------------------------------------------------------------------ one step
     def compute_losses(self, data: torch.Tensor, target: Any, data_u: torch.Tensor, weight: float
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         n = data.shape[0]
         target_full = target[0] if isinstance(target, list) else target
-        both = torch.cat([data, data_u])
+        nan = float("nan")
+        if weight == 0.0:  # warm-up: CS takes exactly nnU-Net's labeled-only step, DS its supervised one
+            cs_l = self.network(data)
+            terms = {"cs_sup": self.loss(cs_l, target), "ds_sup": self.loss(self.ds_train_forward(data, target_full),
+                                                                             target)}
+            zero = torch.zeros((), device=data.device)
+            total = terms["cs_sup"] + terms["ds_sup"]
+            return total, {**terms, "cs_pseudo": zero, "ds_pseudo": zero, "contrast": zero, "contrast_excess": nan,
+                           "ds_cs_dice": nan, "pseudo_kept": nan,
+                           **self._labeled_diagnostics(data, target_full, full_resolution(cs_l))}
 
-        cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder, both)
+        cs_out = cs_features = None
+        if self.student_perturbation == "none" and not self.ema_teacher:
+            # the teacher is CS itself on the same input: the student's forward pass serves both
+            cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder,
+                                                             torch.cat([data, data_u]))
+            teacher_logits = full_resolution(split_batch(cs_out, n)[1]).detach()
+        else:
+            with torch.no_grad():
+                teacher_logits = full_resolution(self.teacher(self.primary_name)(data_u))
+        with torch.no_grad():
+            cs_label_u, target_for_ds = self.pseudo_target(teacher_logits)
+            ds_logits_u = self.ds_pseudo_logits(data_u)
+            ds_label_u = hard_pseudo_label(ds_logits_u, has_regions=False)
+            agree = ds_label_u == cs_label_u
+            _, query_target = self.pseudo_target(ds_logits_u, keep=agree)
+            target_for_cs = query_target if self.ds_label_agreement else self.pseudo_target(ds_logits_u)[1]
+        if cs_out is None:
+            student_u, (target_for_cs, query_target) = self.student_input(data, target_full, data_u,
+                                                                          [target_for_cs, query_target])
+            cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder,
+                                                             torch.cat([data, student_u]))
         cs_l, cs_u = split_batch(cs_out, n)
-        cs_logits_l = cs_l[0] if isinstance(cs_l, list) else cs_l
-        cs_logits_u = cs_u[0] if isinstance(cs_u, list) else cs_u
-        cs_label_u = hard_pseudo_label(cs_logits_u.detach(), has_regions=False)
-        ds_out, ds_label_u = self.second_branch(both, target_full, cs_label_u)
-        ds_l, ds_u = split_batch(ds_out, n)
-
-        terms = {
+        ds_l, ds_u = split_batch(self.ds_train_forward(torch.cat([data, data_u]),
+                                                       torch.cat([target_full, cs_label_u.to(target_full.dtype)])), n)
+        terms: dict[str, torch.Tensor | float] = {
             "cs_sup": self.loss(cs_l, target),
             "ds_sup": self.loss(ds_l, target),
-            "cs_pseudo": self.loss(cs_u, targets_like(ds_label_u, cs_u)),
-            "ds_pseudo": self.loss(ds_u, targets_like(cs_label_u, ds_u)),
+            "cs_pseudo": self.pseudo_loss(cs_u, targets_like(target_for_cs, cs_u)),
+            "ds_pseudo": self.pseudo_loss(ds_u, targets_like(target_for_ds, ds_u)),
         }
         if self.use_contrastive:
             embeddings = self.auxiliary["projection_head"].module(cs_features)
             emb_l, emb_u = split_batch(embeddings, n)
-            terms["contrast"] = self.contrastive_loss(emb_l, emb_u, target_full, cs_logits_l, cs_label_u,
-                                                      ds_label_u)
+            terms["contrast"], floor = self.contrastive_loss(emb_l, emb_u, target_full, full_resolution(cs_l),
+                                                             query_target)
+            terms["contrast_excess"] = float(terms["contrast"].detach()) - floor
         else:
-            terms["contrast"] = torch.zeros((), device=data.device)
+            terms["contrast"], terms["contrast_excess"] = torch.zeros((), device=data.device), nan
         total = (terms["cs_sup"] + terms["ds_sup"]
                  + weight * (self.mu1 * terms["ds_pseudo"]
                              + self.mu2 * (terms["cs_pseudo"] + self.eta * terms["contrast"])))
-        terms["agreement"] = (cs_label_u == ds_label_u).float().mean()
+        terms["ds_cs_dice"] = foreground_dice(ds_label_u, cs_label_u, self.num_classes)
+        terms["pseudo_kept"] = float((target_for_cs != self.ignore_value).float().mean())
+        terms.update(self._labeled_diagnostics(data, target_full, full_resolution(cs_l)))
         return total, terms
 
 
@@ -198,11 +270,12 @@ class DiffCLTrainer_noDiffusion(DiffCLTrainer):
         aux["ds"] = AuxiliaryNetwork(second, *self.optimizer_for(second))
         return aux
 
-    def second_branch(self, both: torch.Tensor, target_l: torch.Tensor, cs_label_u: torch.Tensor
-                      ) -> tuple[Any, torch.Tensor]:
-        out = self.auxiliary["ds"].module(both)
-        logits_u = (out[0] if isinstance(out, list) else out)[target_l.shape[0]:]
-        return out, hard_pseudo_label(logits_u.detach(), has_regions=False)
+    def ds_pseudo_logits(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return full_resolution(self.auxiliary["ds"].module(image))
+
+    def ds_train_forward(self, images: torch.Tensor, labels: torch.Tensor) -> Any:
+        return self.auxiliary["ds"].module(images)
 
 
 class DiffCLTrainer_DDIM1(DiffCLTrainer):
@@ -219,3 +292,51 @@ class DiffCLTrainer_DDIM5(DiffCLTrainer):
 
 class DiffCLTrainer_DDIM20(DiffCLTrainer):
     ddim_steps = 20
+
+
+class DiffCLTrainer_noWarmup(DiffCLTrainer):
+    """Ablation: the unsupervised weight ramps up from the first step (no labeled-only warm-up)."""
+
+    unsupervised_warmup_fraction = 0.0
+
+
+class DiffCLTrainer_noConfidenceMask(DiffCLTrainer):
+    """Ablation: every pseudo-labeled voxel counts, however unsure DS or CS's teacher."""
+
+    pseudo_label_threshold = None
+
+
+class DiffCLTrainer_noAgreement(DiffCLTrainer):
+    """Ablation: CS learns from DS's label wherever DS is confident, agreeing with CS's teacher or not."""
+
+    ds_label_agreement = False
+
+
+class DiffCLTrainer_noPerturbation(DiffCLTrainer):
+    """Ablation: CS sees the unlabeled patch as its teacher does (no copy-paste)."""
+
+    student_perturbation = "none"
+
+
+class DiffCLTrainer_noEMA(DiffCLTrainer):
+    """Ablation: CS's own current prediction is its teacher's label (no EMA teacher)."""
+
+    ema_teacher = False
+
+
+class DiffCLTrainer_dsScale01(DiffCLTrainer):
+    """DS with the label signal at 0.1 of [-1, 1]: noise drowns the label sooner, so DS must read the image."""
+
+    ds_signal_scale = 0.1
+
+
+class DiffCLTrainer_original(DiffCLTrainer):
+    """Diff-CL as first built here: no warm-up, ramp over the first 10 %, no mask, every DS label, the same
+    patch for student and teacher, no EMA teacher."""
+
+    unsupervised_warmup_fraction = 0.0
+    unsupervised_rampup_fraction = 0.1
+    pseudo_label_threshold = None
+    ds_label_agreement = False
+    student_perturbation = "none"
+    ema_teacher = False

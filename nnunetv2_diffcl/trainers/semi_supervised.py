@@ -5,10 +5,13 @@
 - a training loader that yields an unlabeled batch beside each labeled one (data/semi_supervised_loader);
 - auxiliary networks with their own optimiser and learning-rate schedule (CPS's second network,
   Diff-CL's diffusion branch, ...), trained in the same step, saved in and restored from checkpoints;
-- a sigmoid ramp-up of the unsupervised weight over the first ``unsupervised_rampup_fraction`` of the
-  training iterations;
-- per-term logging (log file and progress.png), and a step that is skipped, with a warning, when the
-  loss is not finite.
+- the training dynamics that decide when and how much the unsupervised terms count: a supervised
+  warm-up (weight exactly 0 for the first ``unsupervised_warmup_fraction`` of the iterations), then a
+  sigmoid ramp over the next ``unsupervised_rampup_fraction``; a confidence threshold for pseudo-labels
+  (``pseudo_label_threshold``; voxels under it leave the loss, through nnU-Net's ignore-label mechanism);
+  a stronger perturbation of the student's unlabeled input (``student_perturbation``); EMA teachers;
+- per-term logging (log file and progress.png), each trained network's gradient norm before clipping,
+  and a step that is skipped, with a warning, when the loss is not finite.
 
 Subclasses define ``loss_terms``, ``build_auxiliary_networks`` and ``compute_losses``. nnU-Net's
 ``run_training`` loop, validation, checkpoint names and prediction stay as they are: ``self.network``
@@ -18,6 +21,7 @@ is the network nnU-Net saves as ``network_weights`` and ``nnUNetv2_predict`` use
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Iterator
@@ -43,10 +47,19 @@ from nnunetv2_diffcl.data.semi_supervised_loader import (
     unlabeled_loader_like,
 )
 from nnunetv2_diffcl.data.unlabeled import check_unlabeled_data, unlabeled_folder
+from nnunetv2_diffcl.losses.pseudo_labels import (
+    copy_paste,
+    label_and_confidence,
+    masked_pseudo_label,
+    random_boxes,
+)
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
 
 CHECKPOINT_KEY = "semi_supervised"
 WEIGHT_TERM = "unsupervised_weight"
+
+
+PERTURBATIONS = ("none", "copy_paste")
 
 
 def sigmoid_rampup(progress: float) -> float:
@@ -69,7 +82,40 @@ def apply_schedule_overrides(trainer: nnUNetTrainer) -> None:
                 setattr(trainer, attr, int(value))
             except ValueError:
                 raise ValueError(f"{var} must be a whole number, got {value!r}") from None
-            assert getattr(trainer, attr) > 0, f"{var} must be positive, got {value}"
+            if getattr(trainer, attr) <= 0:
+                raise ValueError(f"{var} must be a positive whole number, got {value}")
+
+
+def _float_from_environment(trainer: nnUNetTrainer, variable: str, attribute: str) -> None:
+    """An experiment's knob: ``variable`` overrides the class attribute ``attribute`` for one run."""
+    value = os.environ.get(variable)
+    if value:
+        try:
+            setattr(trainer, attribute, float(value))
+        except ValueError:
+            raise ValueError(f"{variable} must be a number, got {value!r}") from None
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Mean teacher (Tarvainen & Valpola, 2017): ema <- decay * ema + (1 - decay) * model, buffers copied."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(m.detach(), alpha=1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
+
+
+class _WithIgnoreLabel:
+    """A label manager that reports ``ignore_label``: lets nnU-Net's own ``_build_loss`` build the masked
+    pseudo-label loss (same Dice + CE, same deep-supervision weights, ignored voxels left out)."""
+
+    def __init__(self, label_manager: Any, ignore_label: int) -> None:
+        self._label_manager = label_manager
+        self.ignore_label = ignore_label
+        self.has_ignore_label = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._label_manager, name)
 
 
 @dataclass
@@ -82,27 +128,78 @@ class AuxiliaryNetwork:
 
 
 class SemiSupervisedTrainer(nnUNetTrainer):
-    """Base class of the plugin's semi-supervised trainers (not a trainer by itself)."""
+    """Base class of the plugin's semi-supervised trainers (not a trainer by itself).
+
+    Training dynamics, as class attributes (a variant changes them in a subclass; the ``nnUNet_diffcl_*``
+    variables in brackets override them for one run):
+
+    - ``unsupervised_warmup_fraction`` (``_warmup_fraction``): share of the iterations with unsupervised weight
+      exactly 0; the step then is the labeled-only step (the unlabeled batch is not even forwarded);
+    - ``unsupervised_rampup_fraction`` (``_rampup_fraction``): share of the iterations, after the warm-up, over
+      which the weight rises along a sigmoid to 1;
+    - ``pseudo_label_threshold`` (``_pseudo_threshold``): teacher probability under which a voxel leaves the
+      pseudo-label loss; None keeps every voxel;
+    - ``student_perturbation``: ``"copy_paste"`` pastes a box of the labeled patch (with its ground truth)
+      into the student's unlabeled patch, the teacher sees the patch as it is; ``"none"`` gives both the same;
+    - ``ema_teacher`` / ``ema_decay``: pseudo-labels come from an exponential moving average of the teaching
+      network instead of the network itself.
+    """
 
     loss_terms: tuple[str, ...] = ()
-    unsupervised_rampup_fraction: float = 0.1
+    unsupervised_warmup_fraction: float = 0.2
+    unsupervised_rampup_fraction: float = 0.2
+    pseudo_label_threshold: float | None = 0.9
+    student_perturbation: str = "copy_paste"
+    copy_paste_fraction: float = 0.5
+    ema_teacher: bool = True
+    ema_decay: float = 0.99
     grad_clip_norm: float = 12.0
+    primary_name: str = "network"  # how the primary network's gradient norm is logged
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_overrides(self)
-        rampup = os.environ.get("nnUNet_diffcl_rampup_fraction")
-        if rampup:  # an experiment's knob (docs/benchmarks.md), not a schedule: the class default stays
-            try:
-                self.unsupervised_rampup_fraction = float(rampup)
-            except ValueError:
-                raise ValueError(f"nnUNet_diffcl_rampup_fraction must be a number, got {rampup!r}") from None
-            assert 0.0 <= self.unsupervised_rampup_fraction <= 1.0, \
-                f"nnUNet_diffcl_rampup_fraction must lie in [0, 1], got {rampup}"
+        _float_from_environment(self, "nnUNet_diffcl_warmup_fraction", "unsupervised_warmup_fraction")
+        _float_from_environment(self, "nnUNet_diffcl_rampup_fraction", "unsupervised_rampup_fraction")
+        _float_from_environment(self, "nnUNet_diffcl_pseudo_threshold", "pseudo_label_threshold")
+        self.check_training_options()
         self.logger.local_logger = TermLogger(list(self.loss_terms) + [WEIGHT_TERM])
         self.auxiliary: dict[str, AuxiliaryNetwork] = {}
+        self.ema_sources: dict[str, str] = {}  # EMA network's name -> its source (primary_name or an auxiliary)
         self.ssl_step = 0
+
+    def check_training_options(self) -> None:
+        """Refuse impossible dynamics before anything trains (class attribute or ``nnUNet_diffcl_*`` variable)."""
+        where = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
+                 "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
+                 "pseudo_label_threshold": "nnUNet_diffcl_pseudo_threshold"}
+
+        def name(attribute: str) -> str:
+            variable = where.get(attribute)
+            return f"{attribute} (nnUNet_diffcl_* variable {variable})" if variable else attribute
+
+        for attribute in ("unsupervised_warmup_fraction", "unsupervised_rampup_fraction"):
+            value = getattr(self, attribute)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{self.__class__.__name__}: {name(attribute)} must lie in [0, 1] (a share of "
+                                 f"the training iterations), got {value}")
+        if self.unsupervised_warmup_fraction + self.unsupervised_rampup_fraction > 1.0:
+            raise ValueError(f"{self.__class__.__name__}: {name('unsupervised_warmup_fraction')} + "
+                             f"{name('unsupervised_rampup_fraction')} = {self.unsupervised_warmup_fraction} + "
+                             f"{self.unsupervised_rampup_fraction} exceeds 1: the ramp would not end within training")
+        threshold = self.pseudo_label_threshold
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise ValueError(f"{self.__class__.__name__}: {name('pseudo_label_threshold')} must lie strictly "
+                             f"between 0 and 1 (a probability), or be None for no mask; got {threshold}")
+        if self.student_perturbation not in PERTURBATIONS:
+            raise ValueError(f"{self.__class__.__name__}: student_perturbation must be one of {PERTURBATIONS}, got "
+                             f"{self.student_perturbation!r}")
+        if not 0.0 < self.copy_paste_fraction < 1.0:
+            raise ValueError(f"{self.__class__.__name__}: copy_paste_fraction must lie strictly between 0 and 1, "
+                             f"got {self.copy_paste_fraction}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"{self.__class__.__name__}: ema_decay must lie in [0, 1), got {self.ema_decay}")
 
     # ----------------------------------------------------------------------------------- subclass API
     def build_auxiliary_networks(self) -> dict[str, AuxiliaryNetwork]:
@@ -123,9 +220,72 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     # ----------------------------------------------------------------------------------- helpers
     def unsupervised_weight(self) -> float:
+        """0 during the warm-up, then the sigmoid ramp to 1 (1 at once with no ramp)."""
         total = self.num_epochs * self.num_iterations_per_epoch
+        warmup = self.unsupervised_warmup_fraction * total
+        if self.ssl_step < warmup:
+            return 0.0
         length = self.unsupervised_rampup_fraction * total
-        return 1.0 if length <= 0 else sigmoid_rampup(self.ssl_step / length)
+        return 1.0 if length <= 0 else sigmoid_rampup((self.ssl_step - warmup) / length)
+
+    def ema_copy(self, ema_name: str, source_name: str, module: nn.Module) -> AuxiliaryNetwork:
+        """The auxiliary ``ema_name``: an EMA teacher of ``module`` (called ``source_name``), a frozen copy
+        updated after every optimiser step and saved in the checkpoint like any auxiliary network."""
+        ema = copy.deepcopy(self._bare(module))
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        ema.eval()
+        self.ema_sources[ema_name] = source_name
+        return AuxiliaryNetwork(ema)
+
+    def _module_named(self, name: str) -> nn.Module:
+        return self.network if name == self.primary_name else self.auxiliary[name].module
+
+    def teacher(self, name: str) -> nn.Module:
+        """What makes the pseudo-labels of the network called ``name``: its EMA teacher, else itself."""
+        for ema_name, source in self.ema_sources.items():
+            if source == name:
+                return self.auxiliary[ema_name].module
+        return self._module_named(name)
+
+    def build_pseudo_loss(self) -> nn.Module:
+        """nnU-Net's loss as ``_build_loss`` makes it, with ignore label K (= the number of outputs): the
+        target of pseudo-label terms, whose masked voxels hold K."""
+        if self.label_manager.has_regions:
+            raise RuntimeError(f"{self.__class__.__name__} masks pseudo-labels, which needs plain label maps; this "
+                               f"dataset is region-based ({self.dataset_json['labels']}). Set "
+                               f"pseudo_label_threshold = None and student_perturbation = 'none' in a subclass.")
+        label_manager = self.label_manager
+        self.label_manager = _WithIgnoreLabel(label_manager, self.ignore_value)
+        try:
+            return self._build_loss()
+        finally:
+            self.label_manager = label_manager
+
+    @property
+    def ignore_value(self) -> int:
+        return self.label_manager.num_segmentation_heads
+
+    def pseudo_target(self, teacher_logits: torch.Tensor, keep: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's hard label (B, 1, ...) and the label with unconfident (or not ``keep``) voxels set to
+        the ignore value."""
+        label, confidence = label_and_confidence(teacher_logits)
+        trusted = torch.ones_like(label, dtype=torch.bool) if self.pseudo_label_threshold is None else \
+            confidence >= self.pseudo_label_threshold
+        if keep is not None:
+            trusted &= keep
+        return label, masked_pseudo_label(label, trusted, self.ignore_value)
+
+    def student_input(self, data: torch.Tensor, target_full: torch.Tensor, data_u: torch.Tensor,
+                      pseudo_targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The student's unlabeled input and its targets: with copy-paste a box of the labeled patch and its
+        ground truth go into the unlabeled patch and every pseudo-label, with one box per sample."""
+        if self.student_perturbation == "none":
+            return data_u, pseudo_targets
+        box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
+        truth = target_full.to(pseudo_targets[0].dtype) if pseudo_targets else None
+        return copy_paste(data_u, data, box), [copy_paste(t, truth, box) for t in pseudo_targets]
 
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
@@ -152,14 +312,30 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         module = module.module if isinstance(module, DDP) else module
         return getattr(module, "_orig_mod", module)
 
-    def _trained(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
-        pairs = [(self.network, self.optimizer)]
-        return pairs + [(a.module, a.optimizer) for a in self.auxiliary.values() if a.optimizer is not None]
+    def _trained(self) -> list[tuple[str, nn.Module, torch.optim.Optimizer]]:
+        trained = [(self.primary_name, self.network, self.optimizer)]
+        return trained + [(name, a.module, a.optimizer) for name, a in self.auxiliary.items()
+                          if a.optimizer is not None]
+
+    @property
+    def logged_terms(self) -> list[str]:
+        """Everything logged per epoch: the loss terms, each trained network's gradient norm, the weight."""
+        return list(self.logger.local_logger.terms)
 
     # ----------------------------------------------------------------------------------- nnU-Net hooks
     def initialize(self) -> None:
         super().initialize()
         self.auxiliary = self.build_auxiliary_networks()
+        self.logger.local_logger.add_terms([f"grad_norm_{name}" for name, _, _ in self._trained()])
+        if self.pseudo_label_threshold is not None or self.student_perturbation != "none":
+            self.pseudo_loss = self.build_pseudo_loss()
+        else:
+            self.pseudo_loss = self.loss
+        self.print_to_log_file(
+            f"Semi-supervised dynamics: warm-up {self.unsupervised_warmup_fraction}, ramp "
+            f"{self.unsupervised_rampup_fraction}, pseudo-label threshold {self.pseudo_label_threshold}, student "
+            f"perturbation {self.student_perturbation}, EMA teacher "
+            f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
             for aux in self.auxiliary.values():
                 if aux.optimizer is not None:
@@ -205,32 +381,35 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         data_u = batch[UNLABELED_KEY]["data"].to(self.device, non_blocking=True)
         weight = self.unsupervised_weight()
         trained = self._trained()
-        for _, optimizer in trained:
+        for _, _, optimizer in trained:
             optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             total, terms = self.compute_losses(data, target, data_u, weight)
         self.ssl_step += 1
-        logged = {k: float(v.detach()) for k, v in terms.items()}
+        logged = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
         logged[WEIGHT_TERM] = weight
         if not torch.isfinite(total):
             self.print_to_log_file(f"WARNING: non-finite loss ({float(total.detach())}) in step {self.ssl_step}, terms "
                                    f"{logged}: step skipped, weights unchanged.")
-            for _, optimizer in trained:
+            for _, _, optimizer in trained:
                 optimizer.zero_grad(set_to_none=True)
-            return {"loss": np.nan, **logged}
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            for module, optimizer in trained:
-                self.grad_scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip_norm)
-            for _, optimizer in trained:
-                self.grad_scaler.step(optimizer)
-            self.grad_scaler.update()
-        else:
-            total.backward()
-            for module, optimizer in trained:
-                nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip_norm)
+            return {"loss": np.nan, **logged, **{f"grad_norm_{name}": np.nan for name, _, _ in trained}}
+        scaler = self.grad_scaler
+        (scaler.scale(total) if scaler is not None else total).backward()
+        for name, module, optimizer in trained:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # the norm before clipping: how hard each network is pushed (logged per epoch)
+            logged[f"grad_norm_{name}"] = float(nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip_norm))
+        for _, _, optimizer in trained:
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
                 optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        for ema_name, source in self.ema_sources.items():
+            ema_update(self.auxiliary[ema_name].module, self._bare(self._module_named(source)), self.ema_decay)
         return {"loss": float(total.detach()), **logged}
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
@@ -238,7 +417,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         skipped = int(np.sum(np.isnan(outputs["loss"])))
         if skipped:
             self.print_to_log_file(f"WARNING: {skipped} of {len(train_outputs)} steps skipped (non-finite loss)")
-        for key in ["loss"] + list(self.loss_terms) + [WEIGHT_TERM]:
+        for key in ["loss"] + self.logged_terms:
             values = np.asarray(outputs[key], dtype=np.float64)
             if self.is_ddp:
                 gathered = [None] * dist.get_world_size()
@@ -248,8 +427,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.logger.log("train_losses" if key == "loss" else TERM_PREFIX + key, mean, self.current_epoch)
 
     def on_epoch_end(self) -> None:
-        terms = ", ".join(f"{t} {self.logger.get_value(TERM_PREFIX + t, step=-1):.4f}"
-                          for t in list(self.loss_terms) + [WEIGHT_TERM])
+        terms = ", ".join(f"{t} {self.logger.get_value(TERM_PREFIX + t, step=-1):.4f}" for t in self.logged_terms)
         self.print_to_log_file(f"train terms: {terms}")
         super().on_epoch_end()
 

@@ -25,6 +25,13 @@ class TermLogger(LocalLogger):
         for term in self.terms:
             self.my_fantastic_logging[TERM_PREFIX + term] = []
 
+    def add_terms(self, terms: Sequence[str]) -> None:
+        """Terms known only once the networks are built (e.g. one gradient norm per trained network)."""
+        for term in terms:
+            if term not in self.terms:
+                self.terms.append(term)
+                self.my_fantastic_logging[TERM_PREFIX + term] = []
+
     def load_checkpoint(self, checkpoint: dict) -> None:
         # a checkpoint from before a term existed still loads; the missing history is padded
         super().load_checkpoint(checkpoint)

@@ -52,6 +52,7 @@ def test_schedule_from_environment(trainer):
 
 def test_rampup_fraction_from_environment(dataset_copy, in_process_env, monkeypatch):
     in_process_env(dataset_copy)
+    monkeypatch.setenv("nnUNet_diffcl_warmup_fraction", "0")
     monkeypatch.setenv("nnUNet_diffcl_rampup_fraction", "0.5")
     trainer = make_trainer(dataset_copy)
     total = trainer.num_epochs * trainer.num_iterations_per_epoch
@@ -60,7 +61,7 @@ def test_rampup_fraction_from_environment(dataset_copy, in_process_env, monkeypa
     trainer.ssl_step = total // 2
     assert trainer.unsupervised_weight() == pytest.approx(1.0)
     monkeypatch.setenv("nnUNet_diffcl_rampup_fraction", "1.5")
-    with pytest.raises(AssertionError, match="must lie in"):
+    with pytest.raises(ValueError, match="nnUNet_diffcl_rampup_fraction.* must lie in"):
         make_trainer(dataset_copy)
 
 
@@ -131,8 +132,10 @@ def test_a_few_steps_lower_the_loss(trainer):
     before = supervised_loss(trainer, batch)
     trainer.on_train_epoch_start()
     outputs = [trainer.train_step(clone(batch)) for _ in range(8)]
-    assert all(set(out) == {"loss", "sup_a", "sup_b", "pseudo_a", "pseudo_b", "unsupervised_weight"}
-               for out in outputs)
+    assert all(set(out) == {"loss", "sup_a", "sup_b", "pseudo_a", "pseudo_b", "unsupervised_weight", "grad_norm_a",
+                            "grad_norm_network_b"} for out in outputs)
+    weights = [out["unsupervised_weight"] for out in outputs]
+    assert weights[0] == 0.0 and weights[-1] == 1.0  # the warm-up (one of 4 steps), then the unlabeled terms
     assert trainer.ssl_step == 8 and all(np.isfinite(out["loss"]) for out in outputs)
     after = supervised_loss(trainer, batch)
     assert after < 0.5 * before, (before, after, [out["sup_a"] for out in outputs])
@@ -170,6 +173,10 @@ def test_checkpoint_round_trip(trainer, dataset_copy):
     restored = make_trainer(dataset_copy)
     restored.load_checkpoint(path)
     assert restored.ssl_step == 2
+    for name in ("network_b", "ema_a", "ema_b"):  # the EMA teachers are restored too
+        mine = trainer.auxiliary[name].module.state_dict()
+        theirs = restored.auxiliary[name].module.state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     for name in ("network_b",):
         mine = trainer.auxiliary[name].module.state_dict()
         theirs = restored.auxiliary[name].module.state_dict()
@@ -201,7 +208,8 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     assert {"checkpoint_final.pth", "progress.png", "debug.json"} <= set(os.listdir(fold))
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     number = LOGGED_TERM
-    assert len(re.findall(rf"train terms: sup_a {number}, sup_b {number}, pseudo_a {number}, pseudo_b {number}",
+    assert len(re.findall(rf"train terms: sup_a {number}, sup_b {number}, pseudo_a {number}, pseudo_b {number}, "
+                          rf"unsupervised_weight {number}, grad_norm_a {number}, grad_norm_network_b {number}",
                           log)) == 2
     first = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert first[CHECKPOINT_KEY]["ssl_step"] == 4 and len(first["logging"]["train_pseudo_a"]) == 2

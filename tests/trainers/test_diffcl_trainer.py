@@ -18,7 +18,8 @@ from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY
 from tests.conftest import DATASET_ID, LOGGED_TERM, command, run_command
 from tests.trainers.test_cps_trainer import clone, make_trainer, supervised_loss
 
-TERMS = {"cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "agreement"}
+TERMS = {"cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "contrast_excess", "ds_cs_dice", "cs_dice_l",
+         "ds_dice_l", "pseudo_kept"}
 
 
 def fixed_batch(trainer) -> dict:
@@ -35,6 +36,8 @@ class DiffCLTrainer_tiny(diffcl.DiffCLTrainer):
     """Fewer DDIM steps and a small bank keep in-process tests fast; the logic is DiffCLTrainer's."""
 
     ddim_steps = 2
+    unsupervised_warmup_fraction = 0.0  # the unlabeled terms from the first step (tests/trainers/test_dynamics.py
+    # tests the warm-up)
     bank_capacity = 64
     bank_samples_per_class = 16
     query_samples_per_class = 16
@@ -48,7 +51,7 @@ def trainer(dataset_copy, in_process_env):
 
 
 def test_networks_and_options(trainer):
-    assert set(trainer.auxiliary) == {"ds", "projection_head", "memory_bank"}
+    assert set(trainer.auxiliary) == {"ds", "projection_head", "memory_bank", "cs_ema"}
     assert trainer.auxiliary["memory_bank"].optimizer is None
     assert len(trainer.network.hf_mamba) == 1  # CS = planned network + HF-Mamba at the bottleneck
     assert trainer.sampler.timesteps[0] == 999 and trainer.sampler.timesteps[-1] == 0
@@ -60,10 +63,12 @@ def test_step_terms_and_every_parameter_gets_a_gradient(trainer):
     batch = fixed_batch(trainer)
     data, target, data_u = batch["data"], batch["target"], batch[UNLABELED_KEY]["data"]
     total, terms = trainer.compute_losses(data, target, data_u, weight=1.0)
-    assert set(terms) == TERMS and all(torch.isfinite(v) for v in terms.values())
+    losses = {k: v for k, v in terms.items() if isinstance(v, torch.Tensor)}
+    assert set(terms) == TERMS and set(losses) == {"cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast"}
+    assert all(torch.isfinite(v) for v in losses.values())
     assert terms["contrast"].item() == 0.0  # first step: the bank is still empty
     assert int(trainer.auxiliary["memory_bank"].module.count.sum()) > 0  # ... and is filled now
-    assert 0.0 <= terms["agreement"].item() <= 1.0
+    assert 0.0 <= terms["pseudo_kept"] <= 1.0
     total.backward()
     # DDP needs every parameter in the graph, even when a term is zero. The one exception is nnU-Net's
     # own: outside DDP its deep-supervision loss weights the lowest-resolution output 0 (1e-6 under DDP)
@@ -98,14 +103,14 @@ def test_checkpoint_round_trip_restores_everything(trainer, dataset_copy):
     path = os.path.join(trainer.output_folder, "checkpoint_test.pth")
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=False)[CHECKPOINT_KEY]
-    assert set(state["networks"]) == {"ds", "projection_head", "memory_bank"}
+    assert set(state["networks"]) == {"ds", "projection_head", "memory_bank", "cs_ema"}
     assert set(state["optimizers"]) == {"ds", "projection_head"}
 
     torch.manual_seed(99)
     restored = make_trainer(dataset_copy, DiffCLTrainer_tiny)
     restored.load_checkpoint(path)
     assert restored.ssl_step == 2
-    for name in ("ds", "projection_head", "memory_bank"):
+    for name in ("ds", "projection_head", "memory_bank", "cs_ema"):
         mine, theirs = trainer.auxiliary[name].module.state_dict(), restored.auxiliary[name].module.state_dict()
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
     bank = restored.auxiliary["memory_bank"].module
@@ -122,11 +127,13 @@ def test_empty_and_single_class_pseudo_labels_never_nan(trainer):
     batch = fixed_batch(trainer)
     data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
     background_only = [torch.zeros_like(t) for t in batch["target"]]  # foreground absent in the batch
-    trainer.sample_ds_pseudo_label = lambda image, generator=None: torch.zeros(
-        (image.shape[0], 1, *image.shape[2:]), dtype=torch.int16)  # DS predicts nothing (empty pseudo-label)
+    # DS predicts nothing (an empty pseudo-label): background logits everywhere
+    trainer.ds_pseudo_logits = lambda image, generator=None: torch.cat(
+        [torch.full_like(image[:, :1], 10.0), torch.zeros_like(image[:, :1])], dim=1)
     for _ in range(2):
         total, terms = trainer.compute_losses(data, background_only, data_u, weight=1.0)
-        assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values()), terms
+        assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values()
+                                             if isinstance(v, torch.Tensor)), terms
     assert int(trainer.auxiliary["memory_bank"].module.count[1]) == 0  # no foreground ever entered the bank
 
 
@@ -219,7 +226,9 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     number = LOGGED_TERM
     assert re.search(rf"train terms: cs_sup {number}, ds_sup {number}, cs_pseudo {number}, ds_pseudo {number}, "
-                     rf"contrast {number}, agreement [01]\.\d{{4}}", log)
+                     rf"contrast {number}, contrast_excess (nan|{number}), ds_cs_dice (nan|{number}), cs_dice_l "
+                     rf"{number}, ds_dice_l (nan|{number}), pseudo_kept (nan|{number}), unsupervised_weight {number}, "
+                     rf"grad_norm_cs {number}, grad_norm_ds {number}, grad_norm_projection_head {number}", log)
     assert (fold / "progress.png").exists()
     first = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert first[CHECKPOINT_KEY]["ssl_step"] == 2 and "hf_mamba.0.mamba_forward.A_log" in (
@@ -239,6 +248,6 @@ def test_train_predict_resume_with_nnunet_commands(dataset_copy):
     run_command(train + ["--c"], {**env, "nnUNet_diffcl_epochs": "2"})
     resumed = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert resumed["current_epoch"] == 2 and resumed[CHECKPOINT_KEY]["ssl_step"] == 4
-    assert len(resumed["logging"]["train_agreement"]) == 2
+    assert len(resumed["logging"]["train_ds_cs_dice"]) == 2 and len(resumed["logging"]["train_grad_norm_cs"]) == 2
     assert torch.equal(resumed[CHECKPOINT_KEY]["networks"]["memory_bank"]["count"] > 0,
                        torch.ones(2, dtype=torch.bool))

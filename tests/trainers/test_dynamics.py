@@ -1,0 +1,253 @@
+"""The training dynamics of the semi-supervised trainers: warm-up, ramp, masked pseudo-labels, copy-paste,
+EMA teachers, their checks, checkpoints, and the diagnostics DiffCL logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
+from nnunetv2_diffcl.losses.contrastive import infonce_floor, supervised_infonce
+from nnunetv2_diffcl.losses.pseudo_labels import (
+    copy_paste,
+    foreground_dice,
+    label_and_confidence,
+    masked_pseudo_label,
+    random_boxes,
+)
+from nnunetv2_diffcl.trainers import cps, diffcl
+from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY, ema_update, sigmoid_rampup
+from tests.trainers.test_cps_trainer import clone, make_trainer
+from tests.trainers.test_diffcl_trainer import DiffCLTrainer_tiny, fixed_batch
+
+
+def unbuilt(dataset, cls):
+    """A trainer constructed (options checked) but not initialised: what nnUNetv2_train does first."""
+    plans = json.loads((dataset.preprocessed / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((dataset.preprocessed / "dataset.json").read_text())
+    return cls(plans, "3d_fullres", "all", dataset_json, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def test_ema_update_arithmetic():
+    torch.manual_seed(0)
+    model, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        ema.weight.copy_(torch.tensor([3.0, 2.0, 1.0]))
+        model.running_mean.copy_(torch.tensor([5.0, 6.0, 7.0]))
+    ema_update(ema, model, decay=0.75)
+    # 0.75 * ema + 0.25 * model
+    torch.testing.assert_close(ema.weight, torch.tensor([2.5, 2.0, 1.5]))
+    torch.testing.assert_close(ema.running_mean, torch.tensor([5.0, 6.0, 7.0]))  # buffers are copied
+    ema_update(ema, model, decay=0.0)
+    torch.testing.assert_close(ema.weight, model.weight)
+
+
+@pytest.mark.parametrize("spatial", [(8, 12), (6, 8, 10)])
+def test_copy_paste_mixes_images_and_labels_with_the_same_box(spatial):
+    generator = torch.Generator().manual_seed(3)
+    box = random_boxes(4, spatial, 0.5, torch.device("cpu"), generator)
+    assert box.shape == (4, 1, *spatial) and box.dtype == torch.bool
+    side = [round(0.5 * s) for s in spatial]
+    assert all(int(b.sum()) == math.prod(side) for b in box)  # one box of half the patch along every axis
+    image_u, image_l = torch.zeros(4, 2, *spatial), torch.ones(4, 2, *spatial)
+    label_u, label_l = torch.zeros(4, 1, *spatial, dtype=torch.int16), torch.ones(4, 1, *spatial, dtype=torch.int16)
+    mixed_image, mixed_label = copy_paste(image_u, image_l, box), copy_paste(label_u, label_l, box)
+    for channel in range(2):  # every channel pasted where the label is pasted, nowhere else
+        assert torch.equal(mixed_image[:, channel:channel + 1] == 1, mixed_label == 1)
+    assert torch.equal(mixed_label == 1, box)
+    with pytest.raises(ValueError, match="matching batch and spatial shapes"):
+        copy_paste(image_u, image_l[:2], box)
+
+
+def test_label_confidence_and_mask():
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]).T.reshape(1, 2, 2)  # voxel 0: p(1)=0.75; 1: 0.5
+    label, confidence = label_and_confidence(logits)
+    assert label.tolist() == [[[1, 0]]] and confidence.flatten().tolist() == pytest.approx([0.75, 0.5])
+    masked = masked_pseudo_label(label, confidence >= 0.6, ignore_value=2)
+    assert masked.tolist() == [[[1, 2]]]
+
+
+def test_foreground_dice_known_values():
+    a = torch.tensor([[0, 1, 1, 2]])
+    b = torch.tensor([[0, 1, 0, 0]])
+    # class 1: 2*1 / (2 + 1) = 2/3; class 2: 0 / (1 + 0) = 0; mean 1/3
+    assert foreground_dice(a, b, 3) == pytest.approx(1 / 3)
+    assert math.isnan(foreground_dice(torch.zeros(4), torch.zeros(4), 3))  # nothing to measure
+
+
+def test_infonce_floor_known_value_and_bound():
+    query_labels, key_labels = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 0, 0, 1])
+    # positives per query: 3, 3, 1 (class 2 has no key and is left out) -> mean of ln 3, ln 3, ln 1
+    assert infonce_floor(query_labels, key_labels) == pytest.approx(2 * math.log(3) / 3)
+    torch.manual_seed(0)
+    queries = nn.functional.normalize(torch.randn(4, 8), dim=1)
+    keys = nn.functional.normalize(torch.randn(4, 8), dim=1)
+    loss = supervised_infonce(queries, query_labels, keys, key_labels, 0.1)
+    assert float(loss) >= infonce_floor(query_labels, key_labels) - 1e-6
+
+
+# ------------------------------------------------------------------------------------------ schedule and checks
+def test_warmup_then_sigmoid_ramp(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+
+    class Schedule(cps.CPSTrainer):
+        unsupervised_warmup_fraction = 0.25
+        unsupervised_rampup_fraction = 0.5
+
+    trainer = unbuilt(dataset_copy, Schedule)
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 10, 10  # 100 steps: warm-up 25, ramp 50
+    for step, expected in ((0, 0.0), (24, 0.0), (25, sigmoid_rampup(0.0)), (50, sigmoid_rampup(0.5)),
+                           (75, 1.0), (99, 1.0)):
+        trainer.ssl_step = step
+        assert trainer.unsupervised_weight() == pytest.approx(expected), step
+
+
+@pytest.mark.parametrize("attribute, value, message", [
+    ("pseudo_label_threshold", 0.0, "pseudo_label_threshold .* strictly between 0 and 1"),
+    ("pseudo_label_threshold", 1.0, "pseudo_label_threshold .* strictly between 0 and 1"),
+    ("unsupervised_warmup_fraction", -0.1, r"unsupervised_warmup_fraction .* must lie in \[0, 1\]"),
+    ("unsupervised_rampup_fraction", 1.5, r"unsupervised_rampup_fraction .* must lie in \[0, 1\]"),
+    ("unsupervised_warmup_fraction", 0.9, "exceeds 1"),  # + the default ramp
+    ("student_perturbation", "mixup", "student_perturbation must be one of"),
+    ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
+])
+def test_bad_dynamics_are_refused_before_training(dataset_copy, in_process_env, attribute, value, message):
+    in_process_env(dataset_copy)
+    bad = type("Bad", (cps.CPSTrainer,), {attribute: value})
+    with pytest.raises(ValueError, match=message):
+        unbuilt(dataset_copy, bad)
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("nnUNet_diffcl_pseudo_threshold", "1.2", "nnUNet_diffcl_pseudo_threshold"),
+    ("nnUNet_diffcl_warmup_fraction", "0.95", "nnUNet_diffcl_warmup_fraction.* exceeds 1"),
+    ("nnUNet_diffcl_rampup_fraction", "-1", "nnUNet_diffcl_rampup_fraction"),
+    ("nnUNet_diffcl_warmup_fraction", "half", "nnUNet_diffcl_warmup_fraction must be a number"),
+])
+def test_bad_dynamics_variables_are_named(dataset_copy, in_process_env, monkeypatch, variable, value, message):
+    in_process_env(dataset_copy)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=message):
+        unbuilt(dataset_copy, diffcl.DiffCLTrainer)
+
+
+def test_dynamics_from_environment(dataset_copy, in_process_env, monkeypatch):
+    in_process_env(dataset_copy)
+    monkeypatch.setenv("nnUNet_diffcl_warmup_fraction", "0.3")
+    monkeypatch.setenv("nnUNet_diffcl_pseudo_threshold", "0.7")
+    trainer = unbuilt(dataset_copy, cps.CPSTrainer)
+    assert (trainer.unsupervised_warmup_fraction, trainer.pseudo_label_threshold) == (0.3, 0.7)
+    assert cps.CPSTrainer.unsupervised_warmup_fraction == 0.2  # the class default is untouched
+
+
+# ------------------------------------------------------------------------------------------ masked loss
+def test_masked_pseudo_loss_leaves_masked_voxels_out(dataset_copy, in_process_env):
+    """With the mask, the loss over all voxels equals nnU-Net's own loss over the kept voxels alone (Dice and CE
+    both sum over voxels, so gathering the kept voxels changes nothing), and masked logits do not matter."""
+    in_process_env(dataset_copy)
+    trainer = make_trainer(dataset_copy, cps.CPSTrainer)
+    masked_loss, plain_loss = trainer.pseudo_loss.loss, trainer.loss.loss  # the losses inside deep supervision
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 4, 4, 4)
+    label = torch.randint(0, 2, (1, 1, 4, 4, 4)).to(torch.int16)
+    keep = torch.rand(1, 1, 4, 4, 4) > 0.4
+    target = masked_pseudo_label(label, keep, trainer.ignore_value)
+    assert trainer.ignore_value == 2
+    value = masked_loss(logits, target)
+    kept = keep[0, 0]
+    subset_logits = logits[0][:, kept].reshape(1, 2, -1, 1, 1)
+    subset_label = label[0, 0][kept].reshape(1, 1, -1, 1, 1)
+    torch.testing.assert_close(value, plain_loss(subset_logits, subset_label))
+    changed = logits.clone()
+    changed[:, :, ~kept] = 100.0 * torch.randn_like(changed[:, :, ~kept])
+    torch.testing.assert_close(masked_loss(changed, target), value)
+    # masked voxels are not background: teaching them as background gives another loss
+    as_background = masked_pseudo_label(label, keep, 0)
+    assert not torch.isclose(plain_loss(logits, as_background), value)
+
+
+# ------------------------------------------------------------------------------------------ warm-up equivalence
+def _primary_grads(trainer, loss: torch.Tensor) -> list[torch.Tensor]:
+    trainer.network.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in trainer.network.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("cls", [cps.CPSTrainer, DiffCLTrainer_tiny])
+def test_warmup_step_is_the_labeled_only_step(dataset_copy, in_process_env, cls):
+    """Weight 0: the primary network's gradient is exactly nnU-Net's labeled-only gradient on the same batch."""
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, cls)
+    batch = fixed_batch(trainer)
+    data, target, data_u = batch["data"], batch["target"], batch[UNLABELED_KEY]["data"]
+    total, terms = trainer.compute_losses(data, target, data_u, weight=0.0)
+    with_ssl = _primary_grads(trainer, total)
+    labeled_only = _primary_grads(trainer, trainer.loss(trainer.network(data), target))
+    assert len(with_ssl) == len(labeled_only) > 0
+    for a, b in zip(with_ssl, labeled_only):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(float(v) == 0.0 for k, v in terms.items() if "pseudo" in k and isinstance(v, torch.Tensor))
+
+
+# ------------------------------------------------------------------------------------------ DiffCL diagnostics, EMA
+def test_diffcl_logs_diagnostics_and_keeps_a_teacher(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    assert trainer.ema_sources == {"cs_ema": "cs"}
+    assert trainer.teacher("cs") is trainer.auxiliary["cs_ema"].module
+    assert not any(p.requires_grad for p in trainer.teacher("cs").parameters())
+    batch = fixed_batch(trainer)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10  # a diagnostics step: DS is sampled on the labeled batch too
+    before = [p.clone() for p in trainer.teacher("cs").parameters()]
+    out = trainer.train_step(clone(batch))
+    assert 0.0 <= out["pseudo_kept"] <= 1.0 and 0.0 <= out["cs_dice_l"] <= 1.0 and 0.0 <= out["ds_dice_l"] <= 1.0
+    assert out["ds_cs_dice"] != out["ds_cs_dice"] or 0.0 <= out["ds_cs_dice"] <= 1.0  # NaN when both are empty
+    assert {"grad_norm_cs", "grad_norm_ds", "grad_norm_projection_head"} <= set(out)
+    assert out["grad_norm_cs"] > 0
+    after = list(trainer.teacher("cs").parameters())
+    live = list(trainer.network.parameters())
+    moved = [b for b, a in zip(before, after) if not torch.equal(a, b)]
+    assert moved  # the teacher followed CS's step ...
+    for b, a, p in zip(before, after, live):  # ... by exactly the EMA rule
+        torch.testing.assert_close(a, trainer.ema_decay * b + (1 - trainer.ema_decay) * p.detach())
+    out = trainer.train_step(clone(batch))
+    assert math.isnan(out["ds_dice_l"])  # not a diagnostics step
+
+    path = os.path.join(trainer.output_folder, "checkpoint_test.pth")
+    trainer.save_checkpoint(path)
+    assert "cs_ema" in torch.load(path, weights_only=False)[CHECKPOINT_KEY]["networks"]
+    torch.manual_seed(99)
+    restored = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    restored.load_checkpoint(path)
+    for a, b in zip(trainer.teacher("cs").state_dict().values(), restored.teacher("cs").state_dict().values()):
+        assert torch.equal(a, b)
+    assert "train_grad_norm_ds" in restored.logger.local_logger.my_fantastic_logging
+
+
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_original, diffcl.DiffCLTrainer_original,
+                                 diffcl.DiffCLTrainer_noAgreement, diffcl.DiffCLTrainer_dsScale01])
+def test_dynamics_variants_take_a_step(dataset_copy, in_process_env, cls):
+    in_process_env(dataset_copy)
+    tiny = type(cls.__name__ + "_tiny", (cls,), {"ddim_steps": 2}) if issubclass(cls, diffcl.DiffCLTrainer) else cls
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 3
+    out = trainer.train_step(clone(batch))
+    assert np.isfinite(out["loss"]) and out["unsupervised_weight"] > 0
+    if cls in (cps.CPSTrainer_original, diffcl.DiffCLTrainer_original):
+        assert not trainer.ema_sources and trainer.pseudo_loss is trainer.loss
+    if cls is diffcl.DiffCLTrainer_dsScale01:
+        assert trainer.sampler.signal_scale == 0.1
