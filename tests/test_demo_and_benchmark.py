@@ -231,3 +231,17 @@ def test_benchmark_accepts_nnunet_trainers_without_a_schedule_and_plugin_trainer
 
     check_trainers(["nnUNetTrainer", "DiffCLTrainer_noHFMamba"], {"epochs": None, "iterations": None})
     check_trainers(["LabeledOnlyTrainer", "CPSTrainer", "DiffCLTrainer_DDIM3"], {"epochs": "2", "iterations": "1"})
+
+
+def test_demo_says_plainly_how_the_trainers_compare():
+    from nnunetv2_diffcl.demo import BENCHMARK_SUMMARY, compare_with_baseline
+
+    rows = [{"trainer": "LabeledOnlyTrainer", "dice": 0.80}, {"trainer": "DiffCLTrainer", "dice": 0.75},
+            {"trainer": "CPSTrainer", "dice": 0.85}]
+    text = compare_with_baseline(rows, 64)
+    assert "DiffCLTrainer scored 0.750, below LabeledOnlyTrainer's 0.800" in text
+    assert "CPSTrainer scored 0.850, above" in text
+    assert "64 training steps" in text and BENCHMARK_SUMMARY in text  # a loss is never shown without the why
+    won = compare_with_baseline(rows[:1] + [{"trainer": "DiffCLTrainer", "dice": 0.9}], 64)
+    assert "above" in won and "docs/benchmarks.md" not in won
+    assert compare_with_baseline([{"trainer": "DiffCLTrainer", "dice": 0.9}], 64) == ""
