@@ -92,13 +92,18 @@ def copy_paste(into: torch.Tensor, source: torch.Tensor, box: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
-    """Mean over foreground classes of the hard Dice between two label maps; classes absent from both are left
-    out, and NaN when every class is absent (nothing to measure)."""
+def class_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> list[float]:
+    """Hard Dice between two label maps for each foreground class 1..K-1; NaN for a class absent from both."""
     scores = []
     for c in range(1, num_classes):
         in_a, in_b = a == c, b == c
         total = int(in_a.sum()) + int(in_b.sum())
-        if total:
-            scores.append(2.0 * int((in_a & in_b).sum()) / total)
+        scores.append(2.0 * int((in_a & in_b).sum()) / total if total else float("nan"))
+    return scores
+
+
+def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
+    """Mean over foreground classes of the hard Dice between two label maps; classes absent from both are left
+    out, and NaN when every class is absent (nothing to measure)."""
+    scores = [d for d in class_dice(a, b, num_classes) if d == d]
     return float(sum(scores) / len(scores)) if scores else float("nan")

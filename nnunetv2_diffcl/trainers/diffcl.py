@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from nnunetv2_diffcl.diffusion import (
     DDIMSampler,
@@ -52,6 +53,7 @@ from nnunetv2_diffcl.losses.contrastive import (
     supervised_infonce,
 )
 from nnunetv2_diffcl.losses.pseudo_labels import (
+    class_dice,
     foreground_dice,
     full_resolution,
     hard_pseudo_label,
@@ -86,6 +88,10 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     ddim_steps: int = 10
     ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
     ds_label_agreement: bool = True       # CS learns from DS's label only where DS agrees with CS's teacher
+    # where DS disagrees, CS keeps its teacher's confident label of class c unless DS has earned a veto on c:
+    # DS's running Dice of c on the labeled batch >= ds_trust_ratio x CS's (DiffCLTrainer_measuredTrust)
+    ds_trust_measured: bool = False
+    ds_trust_ratio: float = 0.9
     # contrastive label propagation
     use_contrastive: bool = True
     contrastive_temperature: float = 0.1
@@ -99,6 +105,11 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         super().check_training_options()
         if not self.ds_signal_scale > 0:
             raise ValueError(f"{self.__class__.__name__}: ds_signal_scale must be > 0, got {self.ds_signal_scale}")
+        if not 0.0 < self.ds_trust_ratio <= 1.0:
+            raise ValueError(f"{self.__class__.__name__}: ds_trust_ratio must lie in (0, 1], got {self.ds_trust_ratio}")
+        if self.ds_trust_measured and not self.ds_label_agreement:
+            raise ValueError(f"{self.__class__.__name__}: ds_trust_measured refines ds_label_agreement = True; "
+                             f"set both")
         if self.diagnostics_every < 1:
             raise ValueError(f"{self.__class__.__name__}: diagnostics_every must be >= 1, got "
                              f"{self.diagnostics_every}")
@@ -133,6 +144,8 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             aux["memory_bank"] = AuxiliaryNetwork(bank)
         if self.ema_teacher:
             aux["cs_ema"] = self.ema_copy("cs_ema", self.primary_name, self.network)
+        if self.ds_trust_measured:
+            aux["ds_trust"] = AuxiliaryNetwork(BranchDiceRecord(self.num_classes).to(self.device))
         return aux
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -178,12 +191,17 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     def _labeled_diagnostics(self, data: torch.Tensor, target_full: torch.Tensor, cs_logits_l: torch.Tensor
                              ) -> dict[str, float]:
         """Each branch's hard foreground Dice on the labeled batch; DS's (sampled) every ``diagnostics_every``
-        steps, NaN in between (the epoch's mean leaves NaNs out)."""
+        steps, NaN in between (the epoch's mean leaves NaNs out). With ``ds_trust_measured`` the per-class
+        values also update the record that decides where DS may veto CS's teacher."""
+        cs_label_l = cs_logits_l.detach().argmax(1, keepdim=True)
         ds_dice = float("nan")
         if self.ssl_step % self.diagnostics_every == 0:
-            ds_dice = foreground_dice(self.sample_ds_pseudo_label(data), target_full, self.num_classes)
-        return {"cs_dice_l": foreground_dice(cs_logits_l.detach().argmax(1, keepdim=True), target_full,
-                                             self.num_classes), "ds_dice_l": ds_dice}
+            ds_label_l = self.sample_ds_pseudo_label(data)
+            ds_dice = foreground_dice(ds_label_l, target_full, self.num_classes)
+            if self.ds_trust_measured:
+                self.auxiliary["ds_trust"].module.update(class_dice(ds_label_l, target_full, self.num_classes),
+                                                         class_dice(cs_label_l, target_full, self.num_classes))
+        return {"cs_dice_l": foreground_dice(cs_label_l, target_full, self.num_classes), "ds_dice_l": ds_dice}
 
     # ------------------------------------------------------------------------------------------ one step
     def compute_losses(self, data: torch.Tensor, target: Any, data_u: torch.Tensor, weight: float
@@ -217,6 +235,10 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             agree = ds_label_u == cs_label_u
             _, query_target = self.pseudo_target(ds_logits_u, keep=agree)
             target_for_cs = query_target if self.ds_label_agreement else self.pseudo_target(ds_logits_u)[1]
+            if self.ds_trust_measured:  # DS vetoes the teacher's confident label only on classes it has earned
+                vetoed = self.auxiliary["ds_trust"].module.reliable(self.ds_trust_ratio)[cs_label_u.long()]
+                keep_teacher = ~agree & ~vetoed & (target_for_ds != self.ignore_value)
+                target_for_cs = torch.where(keep_teacher, cs_label_u, target_for_cs)
         if cs_out is None:
             student_u, (target_for_cs, query_target) = self.student_input(data, target_full, data_u,
                                                                           [target_for_cs, query_target])
@@ -246,6 +268,37 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         terms["pseudo_kept"] = float((target_for_cs != self.ignore_value).float().mean())
         terms.update(self._labeled_diagnostics(data, target_full, full_resolution(cs_l)))
         return total, terms
+
+
+class BranchDiceRecord(nn.Module):
+    """Running means (momentum 0.9) of DS's and CS's Dice per class on the labeled batch, as buffers: saved in
+    the checkpoint with the auxiliary networks, restored by ``--c``."""
+
+    def __init__(self, num_classes: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("ds_dice", torch.zeros(num_classes))
+        self.register_buffer("cs_dice", torch.zeros(num_classes))
+        self.register_buffer("measured", torch.zeros(num_classes, dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, ds_dice: list[float], cs_dice: list[float]) -> None:
+        """Fold in one measurement of the foreground classes 1..K-1 (NaN: class absent, skipped)."""
+        for c, (ds, cs) in enumerate(zip(ds_dice, cs_dice), start=1):
+            if ds != ds or cs != cs:
+                continue
+            if self.measured[c]:
+                self.ds_dice[c] = self.momentum * self.ds_dice[c] + (1 - self.momentum) * ds
+                self.cs_dice[c] = self.momentum * self.cs_dice[c] + (1 - self.momentum) * cs
+            else:
+                self.ds_dice[c], self.cs_dice[c], self.measured[c] = ds, cs, True
+
+    def reliable(self, ratio: float) -> torch.Tensor:
+        """Per class: may DS overrule CS's teacher? Background always (DS's "not foreground" is the cautious
+        answer); a foreground class once DS's running Dice reaches ``ratio`` x CS's, never before measured."""
+        ok = self.measured & (self.ds_dice >= ratio * self.cs_dice)
+        ok[0] = True
+        return ok
 
 
 class DiffCLTrainer_noHFMamba(DiffCLTrainer):
@@ -328,6 +381,14 @@ class DiffCLTrainer_dsScale01(DiffCLTrainer):
     """DS with the label signal at 0.1 of [-1, 1]: noise drowns the label sooner, so DS must read the image."""
 
     ds_signal_scale = 0.1
+
+
+class DiffCLTrainer_measuredTrust(DiffCLTrainer):
+    """Where DS and CS's teacher disagree, CS keeps the teacher's confident label of a class unless DS's measured
+    Dice of that class on the labeled batch has reached 0.9 x CS's: a DS that has not learnt a class (e.g. a
+    small lesion) cannot veto it."""
+
+    ds_trust_measured = True
 
 
 class DiffCLTrainer_original(DiffCLTrainer):

@@ -251,3 +251,54 @@ def test_dynamics_variants_take_a_step(dataset_copy, in_process_env, cls):
         assert not trainer.ema_sources and trainer.pseudo_loss is trainer.loss
     if cls is diffcl.DiffCLTrainer_dsScale01:
         assert trainer.sampler.signal_scale == 0.1
+
+
+def test_branch_dice_record_earns_the_veto_per_class():
+    from nnunetv2_diffcl.trainers.diffcl import BranchDiceRecord
+
+    record = BranchDiceRecord(3)
+    assert record.reliable(0.9).tolist() == [True, False, False]  # unmeasured classes cannot veto
+    record.update([0.9, 0.0], [0.95, 0.8])  # DS good at class 1, blind to class 2 (a small lesion)
+    assert record.reliable(0.9).tolist() == [True, True, False]
+    record.update([float("nan"), 0.8], [0.95, 0.8])  # class 1 absent this time: unchanged
+    # running means with momentum 0.9: class 2's DS Dice 0.9 * 0 + 0.1 * 0.8 = 0.08, still far below 0.9 * 0.8
+    assert float(record.ds_dice[1]) == pytest.approx(0.9) and float(record.ds_dice[2]) == pytest.approx(0.08)
+    assert record.reliable(0.9).tolist() == [True, True, False]
+
+
+def test_measured_trust_keeps_the_teachers_label_where_ds_has_not_earned_a_veto(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    tiny = type("Trust_tiny", (diffcl.DiffCLTrainer_measuredTrust,), {"ddim_steps": 2, "bank_capacity": 64,
+                                                                       "unsupervised_warmup_fraction": 0.0})
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    data, target, data_u = batch["data"], batch["target"], batch[UNLABELED_KEY]["data"]
+    trainer.student_perturbation = "none"  # the student's target is then the pseudo-label itself
+    # the teacher says foreground everywhere (confidently), DS says background everywhere (confidently)
+    foreground = torch.cat([torch.full_like(data_u[:, :1], -10.0), torch.full_like(data_u[:, :1], 10.0)], 1)
+    trainer.ds_pseudo_logits = lambda image, generator=None: -foreground[: image.shape[0]]
+    trainer.teacher = lambda name: (lambda x: foreground[: x.shape[0]])
+    seen = {}
+    loss = trainer.pseudo_loss
+
+    def spy(outputs, targets):
+        seen.setdefault("targets", []).append(targets[0] if isinstance(targets, list) else targets)
+        return loss(outputs, targets)
+
+    trainer.pseudo_loss = spy
+    trainer.ssl_step = 1  # not a diagnostics step: the record changes only as this test says
+    trainer.compute_losses(data, target, data_u, weight=1.0)
+    cs_target = seen["targets"][0]
+    assert bool((cs_target == 1).all())  # DS never measured on class 1: the teacher's label stands
+    trainer.auxiliary["ds_trust"].module.update([1.0], [1.0])  # now DS has earned class 1
+    seen.clear()
+    trainer.compute_losses(data, target, data_u, weight=1.0)
+    assert bool((seen["targets"][0] == trainer.ignore_value).all())  # its disagreement masks the voxels
+
+
+def test_class_dice_known_values():
+    from nnunetv2_diffcl.losses.pseudo_labels import class_dice
+
+    scores = class_dice(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 0, 0]), 4)
+    assert scores[:2] == pytest.approx([2 / 3, 0.0]) and math.isnan(scores[2])  # class 3 absent from both
