@@ -163,4 +163,7 @@ def compare_with_baseline(rows: list[dict], steps: int) -> str:
 
 
 # the domain-shift benchmark's result as docs/benchmarks.md reports it (measured, with its command there)
-BENCHMARK_SUMMARY = "  (see docs/benchmarks.md, 'The domain-shift benchmark')"
+BENCHMARK_SUMMARY = (
+    "  domain-shift benchmark, 2d, 1000 steps, 3 repeats: labeled-only nnU-Net 0.565 +- 0.018, every case labeled\n"
+    "  0.742 +- 0.038; single runs so far: CPSTrainer 0.558 (1000 steps), DiffCLTrainer 0.500 against labeled-only\n"
+    "  0.533 (500 steps). No semi-supervised gain is shown yet (docs/benchmarks.md, 'The domain-shift benchmark').")
