@@ -76,24 +76,20 @@ def apply_schedule_overrides(trainer: nnUNetTrainer) -> None:
     for var, attr in (("nnUNet_diffcl_epochs", "num_epochs"),
                       ("nnUNet_diffcl_iterations", "num_iterations_per_epoch"),
                       ("nnUNet_diffcl_val_iterations", "num_val_iterations_per_epoch")):
-        value = os.environ.get(var)
-        if value:
-            try:
-                setattr(trainer, attr, int(value))
-            except ValueError:
-                raise ValueError(f"{var} must be a whole number, got {value!r}") from None
-            if getattr(trainer, attr) <= 0:
-                raise ValueError(f"{var} must be a positive whole number, got {value}")
+        if _override_from_environment(trainer, var, attr, int, "a whole number") and getattr(trainer, attr) <= 0:
+            raise ValueError(f"{var} must be a positive whole number, got {os.environ[var]}")
 
 
-def _float_from_environment(trainer: nnUNetTrainer, variable: str, attribute: str) -> None:
-    """An experiment's knob: ``variable`` overrides the class attribute ``attribute`` for one run."""
+def _override_from_environment(trainer: nnUNetTrainer, variable: str, attribute: str, cast: type, kind: str) -> bool:
+    """An experiment's knob: ``variable``, when set, overrides ``attribute`` for one run; True if it did."""
     value = os.environ.get(variable)
-    if value:
-        try:
-            setattr(trainer, attribute, float(value))
-        except ValueError:
-            raise ValueError(f"{variable} must be a number, got {value!r}") from None
+    if not value:
+        return False
+    try:
+        setattr(trainer, attribute, cast(value))
+    except ValueError:
+        raise ValueError(f"{variable} must be {kind}, got {value!r}") from None
+    return True
 
 
 @torch.no_grad()
@@ -160,9 +156,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_overrides(self)
-        _float_from_environment(self, "nnUNet_diffcl_warmup_fraction", "unsupervised_warmup_fraction")
-        _float_from_environment(self, "nnUNet_diffcl_rampup_fraction", "unsupervised_rampup_fraction")
-        _float_from_environment(self, "nnUNet_diffcl_pseudo_threshold", "pseudo_label_threshold")
+        for variable, attribute in (("nnUNet_diffcl_warmup_fraction", "unsupervised_warmup_fraction"),
+                                    ("nnUNet_diffcl_rampup_fraction", "unsupervised_rampup_fraction"),
+                                    ("nnUNet_diffcl_pseudo_threshold", "pseudo_label_threshold")):
+            _override_from_environment(self, variable, attribute, float, "a number")
         self.check_training_options()
         self.logger.local_logger = TermLogger(list(self.loss_terms) + [WEIGHT_TERM])
         self.auxiliary: dict[str, AuxiliaryNetwork] = {}
