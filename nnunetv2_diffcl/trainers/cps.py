@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_targets, split_batch, targets_like
-from nnunetv2_diffcl.trainers.semi_supervised import AuxiliaryNetwork, SemiSupervisedTrainer
+from nnunetv2_diffcl.trainers.semi_supervised import (
+    AuxiliaryNetwork,
+    NoConfidenceMask,
+    NoEMA,
+    NoPerturbation,
+    NoWarmup,
+    OriginalDynamics,
+    SemiSupervisedTrainer,
+)
 
 
 class CPSTrainer(SemiSupervisedTrainer):
@@ -72,35 +80,21 @@ class CPSTrainer(SemiSupervisedTrainer):
         return total, terms
 
 
-class CPSTrainer_noWarmup(CPSTrainer):
-    """Ablation: the unsupervised weight ramps up from the first step (no labeled-only warm-up)."""
-
-    unsupervised_warmup_fraction = 0.0
+class CPSTrainer_noWarmup(NoWarmup, CPSTrainer):
+    __doc__ = NoWarmup.__doc__
 
 
-class CPSTrainer_noConfidenceMask(CPSTrainer):
-    """Ablation: every pseudo-labeled voxel counts, however unsure the teacher."""
-
-    pseudo_label_threshold = None
+class CPSTrainer_noConfidenceMask(NoConfidenceMask, CPSTrainer):
+    __doc__ = NoConfidenceMask.__doc__
 
 
-class CPSTrainer_noPerturbation(CPSTrainer):
-    """Ablation: student and teacher see the same unlabeled patch (no copy-paste)."""
-
-    student_perturbation = "none"
+class CPSTrainer_noPerturbation(NoPerturbation, CPSTrainer):
+    __doc__ = NoPerturbation.__doc__
 
 
-class CPSTrainer_noEMA(CPSTrainer):
-    """Ablation: each network's own current prediction is the other's pseudo-label (no EMA teacher)."""
-
-    ema_teacher = False
+class CPSTrainer_noEMA(NoEMA, CPSTrainer):
+    __doc__ = NoEMA.__doc__
 
 
-class CPSTrainer_original(CPSTrainer):
-    """CPS as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
-
-    unsupervised_warmup_fraction = 0.0
-    unsupervised_rampup_fraction = 0.1
-    pseudo_label_threshold = None
-    student_perturbation = "none"
-    ema_teacher = False
+class CPSTrainer_original(OriginalDynamics, CPSTrainer):
+    """CPS as first built here (OriginalDynamics): each network's own argmax on the same patch."""

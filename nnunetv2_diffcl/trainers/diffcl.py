@@ -63,7 +63,15 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
 from nnunetv2_diffcl.network_architectures.denoiser import build_denoiser
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
-from nnunetv2_diffcl.trainers.semi_supervised import AuxiliaryNetwork, SemiSupervisedTrainer
+from nnunetv2_diffcl.trainers.semi_supervised import (
+    AuxiliaryNetwork,
+    NoConfidenceMask,
+    NoEMA,
+    NoPerturbation,
+    NoWarmup,
+    OriginalDynamics,
+    SemiSupervisedTrainer,
+)
 
 
 class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
@@ -347,16 +355,12 @@ class DiffCLTrainer_DDIM20(DiffCLTrainer):
     ddim_steps = 20
 
 
-class DiffCLTrainer_noWarmup(DiffCLTrainer):
-    """Ablation: the unsupervised weight ramps up from the first step (no labeled-only warm-up)."""
-
-    unsupervised_warmup_fraction = 0.0
+class DiffCLTrainer_noWarmup(NoWarmup, DiffCLTrainer):
+    __doc__ = NoWarmup.__doc__
 
 
-class DiffCLTrainer_noConfidenceMask(DiffCLTrainer):
-    """Ablation: every pseudo-labeled voxel counts, however unsure DS or CS's teacher."""
-
-    pseudo_label_threshold = None
+class DiffCLTrainer_noConfidenceMask(NoConfidenceMask, DiffCLTrainer):
+    __doc__ = NoConfidenceMask.__doc__
 
 
 class DiffCLTrainer_noAgreement(DiffCLTrainer):
@@ -365,16 +369,12 @@ class DiffCLTrainer_noAgreement(DiffCLTrainer):
     ds_label_agreement = False
 
 
-class DiffCLTrainer_noPerturbation(DiffCLTrainer):
-    """Ablation: CS sees the unlabeled patch as its teacher does (no copy-paste)."""
-
-    student_perturbation = "none"
+class DiffCLTrainer_noPerturbation(NoPerturbation, DiffCLTrainer):
+    __doc__ = NoPerturbation.__doc__
 
 
-class DiffCLTrainer_noEMA(DiffCLTrainer):
-    """Ablation: CS's own current prediction is its teacher's label (no EMA teacher)."""
-
-    ema_teacher = False
+class DiffCLTrainer_noEMA(NoEMA, DiffCLTrainer):
+    __doc__ = NoEMA.__doc__
 
 
 class DiffCLTrainer_dsScale01(DiffCLTrainer):
@@ -391,13 +391,7 @@ class DiffCLTrainer_measuredTrust(DiffCLTrainer):
     ds_trust_measured = True
 
 
-class DiffCLTrainer_original(DiffCLTrainer):
-    """Diff-CL as first built here: no warm-up, ramp over the first 10 %, no mask, every DS label, the same
-    patch for student and teacher, no EMA teacher."""
+class DiffCLTrainer_original(OriginalDynamics, DiffCLTrainer):
+    """Diff-CL as first built here (OriginalDynamics), and every DS label counts, agreeing with CS or not."""
 
-    unsupervised_warmup_fraction = 0.0
-    unsupervised_rampup_fraction = 0.1
-    pseudo_label_threshold = None
     ds_label_agreement = False
-    student_perturbation = "none"
-    ema_teacher = False

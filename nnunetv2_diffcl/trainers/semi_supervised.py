@@ -60,6 +60,10 @@ WEIGHT_TERM = "unsupervised_weight"
 
 
 PERTURBATIONS = ("none", "copy_paste")
+# the dynamics an nnUNet_diffcl_* variable may override for one run (a number each)
+DYNAMICS_VARIABLES = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
+                      "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
+                      "pseudo_label_threshold": "nnUNet_diffcl_pseudo_threshold"}
 
 
 def sigmoid_rampup(progress: float) -> float:
@@ -156,9 +160,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_overrides(self)
-        for variable, attribute in (("nnUNet_diffcl_warmup_fraction", "unsupervised_warmup_fraction"),
-                                    ("nnUNet_diffcl_rampup_fraction", "unsupervised_rampup_fraction"),
-                                    ("nnUNet_diffcl_pseudo_threshold", "pseudo_label_threshold")):
+        for attribute, variable in DYNAMICS_VARIABLES.items():
             _override_from_environment(self, variable, attribute, float, "a number")
         self.check_training_options()
         self.logger.local_logger = TermLogger(list(self.loss_terms) + [WEIGHT_TERM])
@@ -168,12 +170,8 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def check_training_options(self) -> None:
         """Refuse impossible dynamics before anything trains (class attribute or ``nnUNet_diffcl_*`` variable)."""
-        where = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
-                 "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
-                 "pseudo_label_threshold": "nnUNet_diffcl_pseudo_threshold"}
-
         def name(attribute: str) -> str:
-            variable = where.get(attribute)
+            variable = DYNAMICS_VARIABLES.get(attribute)
             return f"{attribute} (nnUNet_diffcl_* variable {variable})" if variable else attribute
 
         for attribute in ("unsupervised_warmup_fraction", "unsupervised_rampup_fraction"):
@@ -281,8 +279,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.student_perturbation == "none":
             return data_u, pseudo_targets
         box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
-        truth = target_full.to(pseudo_targets[0].dtype) if pseudo_targets else None
-        return copy_paste(data_u, data, box), [copy_paste(t, truth, box) for t in pseudo_targets]
+        return copy_paste(data_u, data, box), [copy_paste(t, target_full, box) for t in pseudo_targets]
 
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
@@ -466,3 +463,36 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 aux.optimizer.load_state_dict(state["optimizers"][name])
         self.ssl_step = int(state["ssl_step"])
         self.load_extra_checkpoint_state(state.get("extra", {}))
+
+
+# ------------------------------------------------------------------------------------------------ ablations
+# Mixins for the dynamics ablations, shared by CPSTrainer and DiffCLTrainer variants (``Trainer_noWarmup`` =
+# ``NoWarmup, Trainer``): one definition of what each ablation switches off.
+class NoWarmup:
+    """Ablation: the unsupervised weight ramps up from the first step (no labeled-only warm-up)."""
+
+    unsupervised_warmup_fraction = 0.0
+
+
+class NoConfidenceMask:
+    """Ablation: every pseudo-labeled voxel counts, however unsure its teacher."""
+
+    pseudo_label_threshold = None
+
+
+class NoPerturbation:
+    """Ablation: student and teacher see the same unlabeled patch (no copy-paste)."""
+
+    student_perturbation = "none"
+
+
+class NoEMA:
+    """Ablation: a network's own current prediction is the pseudo-label it teaches (no EMA teacher)."""
+
+    ema_teacher = False
+
+
+class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA):
+    """The dynamics as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
+
+    unsupervised_rampup_fraction = 0.1
