@@ -1,16 +1,23 @@
-"""DiffCLTrainer's costs against nnU-Net's, measured side by side in one run, on a finished demo.
+"""DiffCLTrainer's costs against nnU-Net's, measured side by side in one run.
 
     nnUNetv2_diffcl demo --out diffcl_demo                      # plans, data and trained models
     python benchmarks/bench_diffcl.py --demo-dir diffcl_demo
 
-1. Training step: ``nnUNetTrainer.train_step`` vs ``DiffCLTrainer.train_step`` on the same plans and the
-   same labeled batch (DiffCL also gets its unlabeled batch), for each DDIM step count S in
-   ``--ddim-steps``; interleaved, median of ``--repeats`` after a warm-up.
-2. Peak memory (VmHWM) of a fresh process taking three steps with each trainer.
-3. ``nnUNetv2_predict`` wall time on the demo's test images with the demo's LabeledOnlyTrainer model
-   vs its DiffCLTrainer model (alternating runs, medians).
-4. Dice of DS's DDIM pseudo-labels against S on the test images (the demo's DiffCL model, seeded),
-   with CS's Dice beside it: the data for choosing the default S.
+or, on any planned dataset with preprocessed unlabeled cases (the nnUNet_* variables set):
+
+    python benchmarks/bench_diffcl.py -d 993 -c 2d --skip predict dice
+
+1. Training step after the warm-up (unsupervised weight 1): nnUNetTrainer, CPSTrainer, DiffCLTrainer and the
+   DiffCLTrainer_uncut (the step before the cost cuts) and the cost settings in ``SETTINGS`` (each the default
+   DiffCLTrainer with some attributes changed), on the same plans and the same batch; interleaved, median of
+   ``--repeats`` after a warm-up.
+2. The step's breakdown for DiffCLTrainer_uncut and the default: teacher forward, DDIM sampling, CS and DS forward and
+   backward, the projection head, and the rest (losses, masks, optimiser steps, EMA, diagnostics).
+3. Peak memory (VmHWM) of a fresh process taking three steps after the warm-up with each trainer.
+4. ``nnUNetv2_predict`` wall time on the demo's test images with the demo's LabeledOnlyTrainer model
+   vs its DiffCLTrainer model (alternating runs, medians); demo only.
+5. Dice of DS's DDIM pseudo-labels against S on the test images (the demo's DiffCL model, seeded),
+   with CS's Dice beside it; demo only.
 """
 
 from __future__ import annotations
@@ -24,31 +31,60 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from _measure import peak_rss_mib
 
-DATASET = "Dataset990_DiffCLSynthetic"
+DEMO_DATASET = "Dataset990_DiffCLSynthetic"
+
+# DiffCLTrainer with these attributes changed: each cost setting against the default
+SETTINGS: dict[str, dict] = {
+    "S=1": {"ddim_steps": 1},
+    "S=10": {"ddim_steps": 10},
+    "DS full width": {"ds_width_fraction": 1.0},
+    "head on every voxel": {"head_on_sampled_voxels": False},
+    "DS labeled only": {"ds_on_unlabeled": False},
+    "unlabeled batch 0.5": {"unlabeled_batch_ratio": 0.5},
+    "no EMA, no copy-paste": {"ema_teacher": False, "student_perturbation": "none"},
+}
 
 
-def set_paths(demo: Path, results: Path) -> None:
-    os.environ.update(nnUNet_raw=str(demo / "nnUNet_raw"), nnUNet_preprocessed=str(demo / "nnUNet_preprocessed"),
-                      nnUNet_results=str(results), nnUNet_n_proc_DA="0", nnUNet_compile="false")
+def set_paths(demo: Path | None, results: Path) -> None:
+    if demo is not None:
+        os.environ.update(nnUNet_raw=str(demo / "nnUNet_raw"), nnUNet_preprocessed=str(demo / "nnUNet_preprocessed"))
+    os.environ.update(nnUNet_results=str(results), nnUNet_n_proc_DA="0", nnUNet_compile="false")
 
 
-def make_trainer(name: str, device: torch.device):
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+def trainer_class(name: str) -> type:
+    """A trainer class by name, or DiffCLTrainer with the attributes of ``SETTINGS[name]``."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from nnunetv2_diffcl.trainers.diffcl import DiffCLTrainer
 
-    cls = {"nnUNetTrainer": nnUNetTrainer, "DiffCLTrainer": DiffCLTrainer}[name]
-    base = Path(os.environ["nnUNet_preprocessed"]) / DATASET
+    if name in SETTINGS:
+        return type(f"DiffCLTrainer_{name}", (DiffCLTrainer,), dict(SETTINGS[name]))
+    return recursive_find_trainer_class_by_name(name)
+
+
+def make_trainer(name: str, dataset: str, configuration: str, device: torch.device):
+    """The trainer, initialised, with its semi-supervised weight past the warm-up and ramp (weight 1)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    base = Path(os.environ["nnUNet_preprocessed"]) / maybe_convert_to_dataset_name(dataset)
     plans = json.loads((base / "nnUNetPlans.json").read_text())
-    plans["continue_training"] = False
-    trainer = cls(plans, "3d_fullres", "all", json.loads((base / "dataset.json").read_text()), device)
+    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer adds
+    trainer = trainer_class(name)(plans, configuration, "all", json.loads((base / "dataset.json").read_text()),
+                                  device)
     trainer.initialize()
+    if hasattr(trainer, "ssl_step"):
+        total = trainer.num_epochs * trainer.num_iterations_per_epoch
+        trainer.ssl_step = int(total * (trainer.unsupervised_warmup_fraction + trainer.unsupervised_rampup_fraction))
+        trainer.ssl_step += 1  # not a diagnostics step: those are measured apart
+        if trainer.unsupervised_weight() < 0.99:
+            raise RuntimeError(f"{name}: the unsupervised weight is {trainer.unsupervised_weight()} after the ramp")
     return trainer
 
 
@@ -66,43 +102,120 @@ def synchronized(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(device: torch.device, ddim_steps: list[int], repeats: int) -> dict:
-    from nnunetv2_diffcl.diffusion import DDIMSampler
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    synchronized(device)
+    start = time.perf_counter()
+    fn()
+    synchronized(device)
+    return time.perf_counter() - start
+
+
+def step_times(device: torch.device, dataset: str, configuration: str, names: list[str], repeats: int) -> dict:
+    """Interleaved post-warm-up steps of every trainer on one batch (nnU-Net's trainer reads its labeled part;
+    a smaller unlabeled batch is its first patches)."""
+    torch.manual_seed(0)
+    trainers = {n: make_trainer(n, dataset, configuration, device) for n in names}
+    batch = batch_for(next(t for t in trainers.values() if hasattr(t, "ssl_step")))
+    for t in trainers.values():
+        t.on_train_epoch_start()
+
+    def batch_of(trainer) -> dict:
+        if not hasattr(trainer, "unlabeled_batch_size"):
+            return batch
+        from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
+        unlabeled = {k: v[: trainer.unlabeled_batch_size] for k, v in batch[UNLABELED_KEY].items()
+                     if isinstance(v, torch.Tensor)}
+        return {**batch, UNLABELED_KEY: unlabeled}
+
+    times: dict[str, list[float]] = {n: [] for n in trainers}
+    for t in trainers.values():  # warm-up
+        t.train_step(batch_of(t))
+    for _ in range(repeats):
+        for n, t in trainers.items():
+            b = batch_of(t)
+            if hasattr(t, "ssl_step") and t.ssl_step % getattr(t, "diagnostics_every", 1) == 0:
+                t.ssl_step += 1  # keep diagnostics steps out of the medians (1 in diagnostics_every steps)
+            times[n].append(timed(device, lambda t=t, b=b: t.train_step(b)))
+    medians = {n: statistics.median(v) for n, v in times.items()}
+    fastest = {n: min(v) for n, v in times.items()}  # least disturbed by other work on a shared machine
+    first = next(iter(trainers.values()))
+    return {"seconds": medians, f"ratio_to_{names[0]}": {n: v / medians[names[0]] for n, v in medians.items()},
+            "fastest_seconds": fastest,
+            f"fastest_ratio_to_{names[0]}": {n: v / fastest[names[0]] for n, v in fastest.items()},
+            "patch_size": list(first.configuration_manager.patch_size), "batch_size": first.batch_size,
+            "repeats": repeats}
+
+
+def step_breakdown(device: torch.device, dataset: str, configuration: str, name: str, repeats: int) -> dict:
+    """Fastest seconds of each part of one DiffCL step, each run on its own on the same batch, and the whole."""
+    from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
+    from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, split_batch
+    from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
 
     torch.manual_seed(0)
-    diffcl = make_trainer("DiffCLTrainer", device)
-    plain = make_trainer("nnUNetTrainer", device)
-    batch = batch_for(diffcl)  # labeled + unlabeled; nnUNetTrainer reads only the labeled part
-    for t in (diffcl, plain):
-        t.on_train_epoch_start()
-    candidates = {"nnUNetTrainer": plain.train_step}
-    samplers = {s: DDIMSampler(diffcl.schedule, s) for s in ddim_steps}
+    trainer = make_trainer(name, dataset, configuration, device)
+    batch = batch_for(trainer)
+    trainer.on_train_epoch_start()
+    data = batch["data"].to(device)
+    target = [t.to(device) for t in batch["target"]] if isinstance(batch["target"], list) else \
+        batch["target"].to(device)
+    target_full = target[0] if isinstance(target, list) else target
+    data_u = batch[UNLABELED_KEY]["data"][: trainer.unlabeled_batch_size].to(device)
+    n = data.shape[0]
+    both = torch.cat([data, data_u])
 
-    def diffcl_step(s: int):
-        def run(b: dict) -> dict:
-            diffcl.sampler = samplers[s]
-            return diffcl.train_step(b)
-        return run
+    def teacher() -> None:
+        with torch.no_grad():
+            trainer.teacher(trainer.primary_name)(data_u)
 
-    for s in ddim_steps:
-        candidates[f"DiffCLTrainer S={s}"] = diffcl_step(s)
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    for step in candidates.values():  # warm-up
-        step(batch)
+    def cs() -> None:
+        out, _ = forward_capturing_features(trainer.network, trainer._bare(trainer.network).decoder, both)
+        trainer.loss(split_batch(out, n)[0], target).backward()
+        trainer.network.zero_grad(set_to_none=True)
+
+    query_target = target_full[: data_u.shape[0]]  # a label map of the unlabeled batch's shape
+
+    def cs_with_head() -> None:
+        out, features = forward_capturing_features(trainer.network, trainer._bare(trainer.network).decoder, both)
+        cs_l = split_batch(out, n)[0]
+        contrast, _ = trainer.contrastive_loss(*split_batch(features, n), target_full, full_resolution(cs_l),
+                                               query_target)
+        (trainer.loss(cs_l, target) + contrast).backward()
+        trainer.network.zero_grad(set_to_none=True)
+
+    ds_images = both if trainer.ds_on_unlabeled else data
+    ds_labels = torch.cat([target_full, query_target]) if trainer.ds_on_unlabeled else target_full
+
+    def ds() -> None:
+        out = trainer.ds_train_forward(ds_images, ds_labels)
+        trainer.loss(split_batch(out, n)[0], target).backward()
+        trainer.auxiliary["ds"].module.zero_grad(set_to_none=True)
+
+    parts = {"teacher forward": teacher, f"DDIM sampling (S={trainer.ddim_steps})": lambda: trainer.ds_pseudo_logits(
+        data_u), "CS forward + backward": cs, "DS forward + backward": ds}
+    if trainer.use_contrastive:
+        parts["projection head + contrastive loss"] = cs_with_head
+    parts["whole step"] = lambda: trainer.train_step(batch_for_step)
+    batch_for_step = {**batch, UNLABELED_KEY: {**batch[UNLABELED_KEY], "data": batch[UNLABELED_KEY]["data"][
+        : trainer.unlabeled_batch_size]}}
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for fn in parts.values():
+        fn()
     for _ in range(repeats):
-        for k, step in candidates.items():
-            synchronized(device)
-            start = time.perf_counter()
-            step(batch)
-            synchronized(device)
-            times[k].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"seconds": medians, "ratio_to_nnunet": {k: v / medians["nnUNetTrainer"] for k, v in medians.items()},
-            "patch_size": list(diffcl.configuration_manager.patch_size), "batch_size": diffcl.batch_size}
+        for k, fn in parts.items():
+            if k == "whole step" and trainer.ssl_step % trainer.diagnostics_every == 0:
+                trainer.ssl_step += 1
+            times[k].append(timed(device, fn))
+    medians = {k: min(v) for k, v in times.items()}  # least disturbed by other work on a shared machine
+    if "projection head + contrastive loss" in medians:  # measured as CS with the head; the head alone:
+        medians["projection head + contrastive loss"] -= medians["CS forward + backward"]
+    medians["rest (losses, masks, optimiser steps, EMA)"] = medians["whole step"] - sum(
+        v for k, v in medians.items() if k != "whole step")
+    return medians
 
 
-def memory_child(name: str, device: str) -> None:
-    trainer = make_trainer(name, torch.device(device))
+def memory_child(name: str, dataset: str, configuration: str, device: str) -> None:
+    trainer = make_trainer(name, dataset, configuration, torch.device(device))
     batch = batch_for(trainer)
     trainer.on_train_epoch_start()
     if device == "cuda":
@@ -113,8 +226,9 @@ def memory_child(name: str, device: str) -> None:
     print(json.dumps({"peak_mib": peak}))
 
 
-def peak_memory(name: str, device: str, demo: Path) -> float:
-    out = subprocess.run([sys.executable, __file__, "--demo-dir", str(demo), "--device", device,
+def peak_memory(name: str, args: argparse.Namespace) -> float:
+    demo = ["--demo-dir", str(args.demo_dir)] if args.demo_dir else []
+    out = subprocess.run([sys.executable, __file__, *demo, "-d", args.d, "-c", args.c, "--device", args.device,
                           "--memory-child", name], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -127,7 +241,7 @@ def predict_times(demo: Path, device: str, repeats: int) -> dict:
         for _ in range(repeats):
             for trainer in times:
                 start = time.perf_counter()
-                subprocess.run([tool, "-i", str(demo / "nnUNet_raw" / DATASET / "imagesTs"), "-o",
+                subprocess.run([tool, "-i", str(demo / "nnUNet_raw" / DEMO_DATASET / "imagesTs"), "-o",
                                 f"{tmp}/{trainer}", "-d", "990", "-c", "3d_fullres", "-f", "all", "-tr", trainer,
                                 "-device", device, "-npp", "1", "-nps", "1"], env=env, check=True,
                                capture_output=True)
@@ -157,13 +271,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pseudo_label_dice(demo: Path, device: torch.device, ddim_steps: list[int], seeds: int) -> dict:
-    from nnunetv2_diffcl.diffusion import DDIMSampler
-
-    trainer = make_trainer("DiffCLTrainer", device)
-    checkpoint = demo / "nnUNet_results" / DATASET / "DiffCLTrainer__nnUNetPlans__3d_fullres" / "fold_all" / \
+    trainer = make_trainer("DiffCLTrainer", DEMO_DATASET, "3d_fullres", device)
+    checkpoint = demo / "nnUNet_results" / DEMO_DATASET / "DiffCLTrainer__nnUNetPlans__3d_fullres" / "fold_all" / \
         "checkpoint_final.pth"
     trainer.load_checkpoint(str(checkpoint))
-    raw = demo / "nnUNet_raw" / DATASET
+    raw = demo / "nnUNet_raw" / DEMO_DATASET
     preprocessor = trainer.configuration_manager.preprocessor_class(verbose=False)
     patch = list(trainer.configuration_manager.patch_size)
     trainer.set_deep_supervision_enabled(False)
@@ -179,44 +291,58 @@ def pseudo_label_dice(demo: Path, device: torch.device, ddim_steps: list[int], s
         with torch.no_grad():
             result["CS"].append(dice(trainer.network(image).argmax(1)[0].cpu().numpy() > 0, reference))
         for s in ddim_steps:
-            trainer.sampler = DDIMSampler(trainer.schedule, s)
             for seed in range(seeds):
                 generator = torch.Generator(device="cpu").manual_seed(seed)
-                label = trainer.sample_ds_pseudo_label(image, generator)[0, 0].cpu().numpy() > 0
+                logits = trainer.diffusion.sample_logits(image, generator, steps=s)
+                label = logits.argmax(1)[0].cpu().numpy() > 0
                 result[f"S={s}"].append(dice(label, reference))
     return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in result.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo-dir", required=True, type=Path)
+    parser.add_argument("--demo-dir", type=Path, help="a finished demo's folder (its data and models); without "
+                        "it the nnUNet_* variables say where -d is")
+    parser.add_argument("-d", default=DEMO_DATASET, help="dataset (default: the demo's)")
+    parser.add_argument("-c", default="3d_fullres", help="configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 1, 3])
+    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "CPSTrainer", "DiffCLTrainer",
+                                                                 "DiffCLTrainer_uncut", *SETTINGS],
+                        help=f"trainer class names or DiffCL settings ({', '.join(SETTINGS)}); the first is the "
+                             "reference of the ratios")
+    parser.add_argument("--breakdown", nargs="*", default=["DiffCLTrainer_uncut", "DiffCLTrainer"],
+                        help="trainers whose step is broken down")
     parser.add_argument("--dice-steps", type=int, nargs="+", default=[1, 2, 3, 5, 10, 20])
     parser.add_argument("--seeds", type=int, default=3, help="DDIM seeds per case for the Dice-vs-S table")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["step", "memory", "predict", "dice"])
-    parser.add_argument("--memory-child", choices=["nnUNetTrainer", "DiffCLTrainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["step", "breakdown", "memory", "predict", "dice"])
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    demo = args.demo_dir.resolve()
+    demo = args.demo_dir.resolve() if args.demo_dir else None
+    skip = set(args.skip) | ({"predict", "dice"} if demo is None else set())
     with tempfile.TemporaryDirectory() as results:
         set_paths(demo, Path(results))
         if args.memory_child:
-            memory_child(args.memory_child, args.device)
+            memory_child(args.memory_child, args.d, args.c, args.device)
             return
         device = torch.device(args.device)
         report: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                   f"device {args.device}, torch {torch.__version__}, threads {args.threads}"}
-        if "step" not in args.skip:
-            report["train_step"] = step_times(device, args.ddim_steps, args.repeats)
-        if "memory" not in args.skip:
-            report["peak_memory_mib"] = {n: peak_memory(n, args.device, demo)
-                                         for n in ("nnUNetTrainer", "DiffCLTrainer")}
-        if "predict" not in args.skip:
+                                   f"device {args.device}, torch {torch.__version__}, threads {args.threads}",
+                        "dataset": args.d, "configuration": args.c}
+        if "step" not in skip:
+            report["train_step"] = step_times(device, args.d, args.c, args.trainers, args.repeats)
+            print(json.dumps(report["train_step"], indent=2), flush=True)
+        if "breakdown" not in skip:
+            report["breakdown_seconds"] = {n: step_breakdown(device, args.d, args.c, n, args.repeats)
+                                           for n in args.breakdown}
+            print(json.dumps(report["breakdown_seconds"], indent=2), flush=True)
+        if "memory" not in skip:
+            report["peak_memory_mib"] = {n: peak_memory(n, args) for n in (args.trainers[0], "DiffCLTrainer")}
+        if "predict" not in skip:
             report["predict"] = predict_times(demo, args.device, max(1, args.repeats // 2))
-        if "dice" not in args.skip:
+        if "dice" not in skip:
             report["ds_pseudo_label_dice"] = pseudo_label_dice(demo, device, args.dice_steps, args.seeds)
     print(json.dumps(report, indent=2))
 

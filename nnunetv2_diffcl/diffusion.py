@@ -146,7 +146,9 @@ class DDIMSampler:
     def __init__(self, schedule: NoiseSchedule, num_steps: int = 10, eta: float = 0.0,
                  signal_scale: float = 1.0) -> None:
         total = schedule.num_timesteps
-        assert 1 <= num_steps <= total, f"num_steps must lie in [1, {total}] (schedule steps), got {num_steps}"
+        if not 1 <= num_steps <= total:
+            raise ValueError(f"the number of DDIM steps must lie in [1, {total}] (the schedule's steps), got "
+                             f"{num_steps}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if not signal_scale > 0:

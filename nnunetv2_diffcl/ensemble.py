@@ -15,25 +15,24 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nnunetv2_diffcl.diffusion import DDIMSampler, NoiseSchedule
+from nnunetv2_diffcl.diffusion_branch import DiffusionBranch
 
 
 class DSCSEnsemble(nn.Module):
     """log of the mean of CS's and DS's class probabilities (nnU-Net applies softmax to the output)."""
 
-    def __init__(self, cs: nn.Module, ds: nn.Module, sampler: DDIMSampler, num_classes: int, seed: int = 0) -> None:
+    def __init__(self, cs: nn.Module, branch: DiffusionBranch, seed: int = 0) -> None:
         super().__init__()
         self.cs = cs
-        self.ds = ds
-        self.sampler = sampler
-        self.num_classes = num_classes
+        self.ds = branch.denoiser  # a child module, so that the state dict holds ds.* keys
+        self.branch = branch
         self.seed = seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cs = self.cs(x)
         cs = cs[0] if isinstance(cs, list) else cs
         generator = torch.Generator(device="cpu").manual_seed(self.seed)  # same noise for every patch
-        ds = self.sampler.sample(lambda image, x_t, t: self.ds(image, x_t, t), x, self.num_classes, generator)
+        ds = self.branch.sample_logits(x, generator)
         probabilities = (torch.softmax(cs.float(), 1) + torch.softmax(ds.float(), 1)) / 2
         return torch.log(probabilities.clamp_min(1e-8))
 
@@ -78,8 +77,7 @@ def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-    from nnunetv2_diffcl.network_architectures.denoiser import build_denoiser
-    from nnunetv2_diffcl.trainers.diffcl import DiffCLTrainer, DiffCLTrainer_noDiffusion
+    from nnunetv2_diffcl.trainers.diffcl import DiffCLTrainer, DiffCLTrainer_noDiffusion, checkpoint_ds_width
 
     trainer_class = recursive_find_trainer_class_by_name(args.tr)
     if not issubclass(trainer_class, DiffCLTrainer) or issubclass(trainer_class, DiffCLTrainer_noDiffusion):
@@ -92,15 +90,22 @@ def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print
     predictor.initialize_from_trained_model_folder(model, folds, args.chk)
     checkpoints = [torch.load(join(model, f"fold_{f}", args.chk), map_location="cpu", weights_only=False)
                    for f in folds]
-    num_classes = predictor.label_manager.num_segmentation_heads
-    ds = build_denoiser(predictor.plans_manager, predictor.configuration_manager,
-                        determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
-                                                     predictor.dataset_json), num_classes,
-                        enable_deep_supervision=False)
-    steps = args.ddim_steps or trainer_class.ddim_steps
-    schedule = NoiseSchedule(trainer_class.diffusion_timesteps, trainer_class.noise_schedule).to(device)
-    sampler = DDIMSampler(schedule, steps, signal_scale=trainer_class.ds_signal_scale)
-    predictor.network = DSCSEnsemble(predictor.network, ds, sampler, num_classes, args.seed)
+    settings = trainer_class.diffusion_settings()
+    widths = {checkpoint_ds_width(c.get("semi_supervised", {})) for c in checkpoints}
+    if len(widths) > 1:
+        raise ValueError(f"the folds' checkpoints hold DS networks of different widths {sorted(widths)}: ensemble "
+                         f"folds trained with one DS width")
+    settings["width_fraction"] = widths.pop()  # what was trained, whatever the class's default is now
+    if args.ddim_steps is not None:
+        settings["ddim_steps"] = args.ddim_steps
+    branch = DiffusionBranch.from_plans(predictor.plans_manager, predictor.configuration_manager,
+                                        determine_num_input_channels(predictor.plans_manager,
+                                                                     predictor.configuration_manager,
+                                                                     predictor.dataset_json),
+                                        predictor.label_manager.num_segmentation_heads, deep_supervision=False,
+                                        device=device, **settings)
+    steps = branch.ddim_steps
+    predictor.network = DSCSEnsemble(predictor.network, branch, args.seed)
     predictor.list_of_parameters = ensemble_parameters(checkpoints)
     predictor.network.load_state_dict(predictor.list_of_parameters[0])
     log(f"DS + CS ensemble of {args.tr} (folds {args.f}, DS with {steps} DDIM steps)")

@@ -266,7 +266,7 @@ def test_ddim_first_input_is_standard_normal() -> None:
 
 @pytest.mark.parametrize("num_steps", [0, -1, 101])
 def test_ddim_bad_num_steps_raises(num_steps: int) -> None:
-    with pytest.raises(AssertionError, match="num_steps"):
+    with pytest.raises(ValueError, match=r"number of DDIM steps must lie in \[1, 100\]"):
         DDIMSampler(NoiseSchedule(100), num_steps)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_diffcl.diffusion import DDIMSampler, NoiseSchedule
+from nnunetv2_diffcl.diffusion_branch import DiffusionBranch
 from nnunetv2_diffcl.ensemble import DSCSEnsemble, ensemble_parameters
 
 
@@ -27,7 +27,7 @@ def test_ensemble_averages_probabilities():
     cs_logits = torch.tensor([2.0, 0.0]).view(1, 2, 1, 1)
     ds_logits = torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
     ds = Constant(ds_logits)
-    net = DSCSEnsemble(Constant(cs_logits), ds, DDIMSampler(NoiseSchedule(50), 3), num_classes=2)
+    net = DSCSEnsemble(Constant(cs_logits), DiffusionBranch(ds, num_classes=2, timesteps=50, ddim_steps=3))
     out = net(torch.zeros(2, 1, 4, 4))
     expected = (torch.softmax(cs_logits, 1) + torch.softmax(ds_logits, 1)) / 2
     torch.testing.assert_close(torch.softmax(out, 1), expected.expand(2, 2, 4, 4))

@@ -16,17 +16,27 @@ from torch import nn
 
 
 class ProjectionHead(nn.Module):
-    """1x1 convolutions from decoder features to L2-normalised embeddings, for any dimensionality."""
+    """1x1 convolutions from decoder features to L2-normalised embeddings, for any dimensionality.
+
+    Takes a feature map (B, C, *spatial) or single voxels' features (N, C): the head works voxel by voxel, so
+    embedding sampled voxels gives what sampling the embedded map gives, at a fraction of the work.
+    """
 
     def __init__(self, in_channels: int, embed_dim: int = 64, conv_op: type[nn.Module] = nn.Conv3d,
                  hidden_channels: int | None = None) -> None:
         super().__init__()
-        assert conv_op in (nn.Conv1d, nn.Conv2d, nn.Conv3d), f"conv_op must be a torch ConvNd class, got {conv_op}"
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+        if conv_op not in dims:
+            raise TypeError(f"conv_op must be torch's Conv1d, Conv2d or Conv3d, got {conv_op}")
+        self.spatial_dims = dims[conv_op]
         hidden = hidden_channels or in_channels
         self.net = nn.Sequential(conv_op(in_channels, hidden, 1), nn.LeakyReLU(inplace=True),
                                  conv_op(hidden, embed_dim, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim == 2:  # (N, C) voxels: a 1x1 convolution of N one-voxel maps
+            voxels = features.reshape(*features.shape, *([1] * self.spatial_dims))
+            return F.normalize(self.net(voxels), dim=1).flatten(1)
         return F.normalize(self.net(features), dim=1)
 
 

@@ -13,8 +13,11 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
+    DiffCLTrainer_DDIM10,
     DiffCLTrainer_DDIM20,
+    DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_dsScale01,
+    DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_noAgreement,
     DiffCLTrainer_noConfidenceMask,
@@ -25,6 +28,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_noPerturbation,
     DiffCLTrainer_noWarmup,
     DiffCLTrainer_original,
+    DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.labeled_only import LabeledOnlyTrainer
@@ -53,7 +57,11 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
+    DiffCLTrainer_DDIM10,
     DiffCLTrainer_DDIM20,
+    DiffCLTrainer_uncut,
+    DiffCLTrainer_dsLabeledOnly,
+    DiffCLTrainer_halfUnlabeled,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

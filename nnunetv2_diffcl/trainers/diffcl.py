@@ -37,13 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnunetv2_diffcl.diffusion import (
-    DDIMSampler,
-    NoiseSchedule,
-    label_map_to_signal,
-    q_sample,
-    sample_timesteps,
-)
+from nnunetv2_diffcl.diffusion_branch import DiffusionBranch
 from nnunetv2_diffcl.losses.contrastive import (
     ClassMemoryBank,
     ProjectionHead,
@@ -61,7 +55,6 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
     targets_like,
 )
 from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
-from nnunetv2_diffcl.network_architectures.denoiser import build_denoiser
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
@@ -71,7 +64,20 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
     NoWarmup,
     OriginalDynamics,
     SemiSupervisedTrainer,
+    _override_from_environment,
 )
+
+DIAGNOSTIC_STEPS_VARIABLE = "nnUNet_diffcl_diagnostic_ddim_steps"
+
+
+def checkpoint_ds_width(state: dict) -> float:
+    """The DS width fraction a checkpoint's semi-supervised ``state`` was written with; 1 when it does not say
+    (checkpoints written before the width became a setting)."""
+    return float(state.get("extra", {}).get("ds_width_fraction", 1.0))
+
+
+def _step_counts(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
@@ -93,8 +99,13 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     # diffusion branch
     diffusion_timesteps: int = 1000
     noise_schedule: str = "linear"
-    ddim_steps: int = 10
+    ddim_steps: int = 2                   # DDIM steps of DS's pseudo-label (10 before the step-cost cuts)
     ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
+    ds_width_fraction: float = 0.5        # DS's features per stage as a fraction of the planned ones (was 1)
+    ds_on_unlabeled: bool = True          # DS also learns CS's pseudo-labels on the unlabeled batch (else labeled only)
+    # DS's Dice on the labeled batch is also logged at these DDIM step counts (ds_dice_l_S<s>): the Dice-versus-S
+    # curve inside training, at one extra sampling per count every ``diagnostics_every`` steps
+    diagnostic_ddim_steps: tuple[int, ...] = ()
     ds_label_agreement: bool = True       # CS learns from DS's label only where DS agrees with CS's teacher
     # where DS disagrees, CS keeps its teacher's confident label of class c unless DS has earned a veto on c:
     # DS's running Dice of c on the labeled batch >= ds_trust_ratio x CS's (DiffCLTrainer_measuredTrust)
@@ -107,7 +118,13 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     bank_capacity: int = 2048            # per class
     bank_samples_per_class: int = 256    # labeled voxels pushed per class and step (per rank)
     query_samples_per_class: int = 256   # unlabeled voxels contrasted per class and step
+    head_on_sampled_voxels: bool = True  # the head embeds only the voxels the loss samples (same loss, less work)
     diagnostics_every: int = 10          # steps between DDIM samplings of the labeled batch (DS's Dice)
+
+    def read_environment(self) -> None:
+        super().read_environment()
+        _override_from_environment(self, DIAGNOSTIC_STEPS_VARIABLE, "diagnostic_ddim_steps", _step_counts,
+                                   "comma-separated whole numbers, e.g. 1,3,10")
 
     def check_training_options(self) -> None:
         super().check_training_options()
@@ -118,6 +135,14 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         if self.ds_trust_measured and not self.ds_label_agreement:
             raise ValueError(f"{self.__class__.__name__}: ds_trust_measured refines ds_label_agreement = True; "
                              f"set both")
+        if not 0.0 < self.ds_width_fraction <= 1.0:
+            raise ValueError(f"{self.__class__.__name__}: ds_width_fraction must lie in (0, 1] (a share of the "
+                             f"planned features per stage), got {self.ds_width_fraction}")
+        if not 1 <= self.ddim_steps <= self.diffusion_timesteps or any(
+                not 1 <= s <= self.diffusion_timesteps for s in self.diagnostic_ddim_steps):
+            raise ValueError(f"{self.__class__.__name__}: ddim_steps ({self.ddim_steps}) and diagnostic_ddim_steps "
+                             f"({self.diagnostic_ddim_steps}; {DIAGNOSTIC_STEPS_VARIABLE}) must lie in [1, "
+                             f"diffusion_timesteps = {self.diffusion_timesteps}]")
         if self.diagnostics_every < 1:
             raise ValueError(f"{self.__class__.__name__}: diagnostics_every must be >= 1, got "
                              f"{self.diagnostics_every}")
@@ -127,21 +152,48 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             raise RuntimeError(f"{self.__class__.__name__} supports plain label maps only (no region-based "
                                f"training, no ignore label); this dataset's labels: {self.dataset_json['labels']}")
         super().initialize()
-        self.schedule = NoiseSchedule(self.diffusion_timesteps, self.noise_schedule).to(self.device)
-        self.sampler = DDIMSampler(self.schedule, self.ddim_steps, signal_scale=self.ds_signal_scale)
+        self.logger.local_logger.add_terms([f"ds_dice_l_S{s}" for s in self.diagnostic_ddim_steps])
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
                                f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps}, "
-                               f"label signal scale {self.ds_signal_scale}, DS labels only where DS and CS agree "
+                               f"label signal scale {self.ds_signal_scale}, DS width {self.ds_width_fraction}, DS "
+                               f"on unlabeled data {self.ds_on_unlabeled}, DS labels only where DS and CS agree "
                                f"{self.ds_label_agreement}, HF-Mamba stages {self.hf_mamba_stages}, contrastive "
                                f"{self.use_contrastive}")
+
+    @classmethod
+    def diffusion_settings(cls) -> dict[str, Any]:
+        """DiffusionBranch.from_plans's settings for this trainer (also what ``predict_ensemble`` rebuilds DS from)."""
+        return {"timesteps": cls.diffusion_timesteps, "schedule": cls.noise_schedule, "ddim_steps": cls.ddim_steps,
+                "signal_scale": cls.ds_signal_scale, "width_fraction": cls.ds_width_fraction}
+
+    @property
+    def diffusion(self) -> DiffusionBranch:
+        """DS with its schedule and sampler; its denoiser is whatever the auxiliary ``"ds"`` holds now (under DDP
+        the wrapper, so that gradients are synchronised)."""
+        self._diffusion.denoiser = self.auxiliary["ds"].module
+        return self._diffusion
+
+    def extra_checkpoint_state(self) -> dict:
+        return {**super().extra_checkpoint_state(), "ds_width_fraction": self.ds_width_fraction}
+
+    def check_checkpoint(self, state: dict, filename: str) -> None:
+        super().check_checkpoint(state, filename)
+        width = checkpoint_ds_width(state)
+        if width != self.ds_width_fraction:
+            raise RuntimeError(f"{filename} holds a DS of width fraction {width}, {self.__class__.__name__} builds "
+                               f"{self.ds_width_fraction}: resume with a trainer of DS width {width} (checkpoints "
+                               f"written before 2026-12-04 have width 1: DiffCLTrainer_uncut), or start anew")
 
     @property
     def num_classes(self) -> int:
         return self.label_manager.num_segmentation_heads
 
     def build_auxiliary_networks(self) -> dict[str, AuxiliaryNetwork]:
-        ds = build_denoiser(self.plans_manager, self.configuration_manager, self.num_input_channels,
-                            self.num_classes, self.enable_deep_supervision).to(self.device)
+        self._diffusion = DiffusionBranch.from_plans(self.plans_manager, self.configuration_manager,
+                                                    self.num_input_channels, self.num_classes,
+                                                    self.enable_deep_supervision, self.device,
+                                                    **self.diffusion_settings())
+        ds = self._diffusion.denoiser
         aux = {"ds": AuxiliaryNetwork(ds, *self.optimizer_for(ds))}
         if self.use_contrastive:
             features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"][0]
@@ -159,40 +211,41 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     # ------------------------------------------------------------------------------------------ pieces
     def ds_pseudo_logits(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DS's x0 logits for ``image`` by DDIM sampling from pure noise (no gradient)."""
-        ds = self.auxiliary["ds"].module
-        return self.sampler.sample(lambda img, x_t, t: ds(img, x_t, t), image, self.num_classes, generator)
+        return self.diffusion.sample_logits(image, generator)
 
     def sample_ds_pseudo_label(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DS's label for ``image`` by DDIM sampling from pure noise (no gradient): (B, 1, *spatial)."""
         return hard_pseudo_label(self.ds_pseudo_logits(image, generator), has_regions=False)
 
-    def noised(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A label map (B, 1, ...) as DS's noisy input at random timesteps: (x_t, t)."""
-        t = sample_timesteps(label.shape[0], self.diffusion_timesteps, device=label.device)
-        signal = self.ds_signal_scale * label_map_to_signal(label, self.num_classes)
-        return q_sample(self.schedule, signal, t), t
-
     def ds_train_forward(self, images: torch.Tensor, labels: torch.Tensor) -> Any:
         """DS's outputs for ``images``, each denoising its ``labels`` noised at a random timestep."""
-        x_t, t = self.noised(labels)
-        return self.auxiliary["ds"].module(images, x_t, t)
+        return self.diffusion.denoise(images, labels)
 
-    def contrastive_loss(self, embeddings_l: torch.Tensor, embeddings_u: torch.Tensor, target_l: torch.Tensor,
+    def contrastive_loss(self, features_l: torch.Tensor, features_u: torch.Tensor, target_l: torch.Tensor,
                          cs_logits_l: torch.Tensor, query_target: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """InfoNCE of the unlabeled embeddings (labelled by ``query_target``, its ignore value left out) against
-        the bank, and the loss's floor for these queries; then the bank takes new labeled embeddings."""
+        """InfoNCE of the unlabeled voxels' embeddings (labelled by ``query_target``, its ignore value left out)
+        against the bank, and the loss's floor for these queries; then the bank takes new labeled embeddings.
+        ``features_*`` are CS's decoder features; the head embeds only the sampled voxels when
+        ``head_on_sampled_voxels`` (the head works voxel by voxel, so the loss is the same)."""
+        head = self.auxiliary["projection_head"].module
         bank: ClassMemoryBank = self.auxiliary["memory_bank"].module
+        sampled = self.head_on_sampled_voxels
         kept = (query_target != self.ignore_value)[:, 0]
-        queries, query_labels = sample_per_class(embeddings_u, query_target[:, 0].long(), kept,
-                                                 self.query_samples_per_class, self.num_classes)
+        queries, query_labels = sample_per_class(features_u if sampled else head(features_u),
+                                                 query_target[:, 0].long(), kept, self.query_samples_per_class,
+                                                 self.num_classes)
+        if sampled:
+            queries = head(queries)
         keys, key_labels = bank.keys()
         loss = supervised_infonce(queries, query_labels, keys, key_labels, self.contrastive_temperature)
         floor = infonce_floor(query_labels, key_labels)
         # the bank learns only from labeled voxels that CS gets right; its entries are detached copies
         with torch.no_grad():
             correct = (cs_logits_l.argmax(1) == target_l[:, 0].long())
-            new, new_labels = sample_per_class(embeddings_l.detach(), target_l[:, 0].long(), correct,
-                                               self.bank_samples_per_class, self.num_classes)
+            new, new_labels = sample_per_class(features_l if sampled else head(features_l), target_l[:, 0].long(),
+                                               correct, self.bank_samples_per_class, self.num_classes)
+            if sampled:
+                new = head(new)
             bank.push(*all_gather_samples(new, new_labels))
         return loss, floor
 
@@ -202,14 +255,19 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         steps, NaN in between (the epoch's mean leaves NaNs out). With ``ds_trust_measured`` the per-class
         values also update the record that decides where DS may veto CS's teacher."""
         cs_label_l = cs_logits_l.detach().argmax(1, keepdim=True)
-        ds_dice = float("nan")
+        nan = float("nan")
+        values = {"cs_dice_l": foreground_dice(cs_label_l, target_full, self.num_classes), "ds_dice_l": nan,
+                  **{f"ds_dice_l_S{s}": nan for s in self.diagnostic_ddim_steps}}
         if self.ssl_step % self.diagnostics_every == 0:
             ds_label_l = self.sample_ds_pseudo_label(data)
-            ds_dice = foreground_dice(ds_label_l, target_full, self.num_classes)
+            values["ds_dice_l"] = foreground_dice(ds_label_l, target_full, self.num_classes)
             if self.ds_trust_measured:
                 self.auxiliary["ds_trust"].module.update(class_dice(ds_label_l, target_full, self.num_classes),
                                                          class_dice(cs_label_l, target_full, self.num_classes))
-        return {"cs_dice_l": foreground_dice(cs_label_l, target_full, self.num_classes), "ds_dice_l": ds_dice}
+            for s in self.diagnostic_ddim_steps:
+                label = hard_pseudo_label(self.diffusion.sample_logits(data, steps=s), has_regions=False)
+                values[f"ds_dice_l_S{s}"] = foreground_dice(label, target_full, self.num_classes)
+        return values
 
     # ------------------------------------------------------------------------------------------ one step
     def compute_losses(self, data: torch.Tensor, target: Any, data_u: torch.Tensor, weight: float
@@ -253,19 +311,23 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder,
                                                              torch.cat([data, student_u]))
         cs_l, cs_u = split_batch(cs_out, n)
-        ds_l, ds_u = split_batch(self.ds_train_forward(torch.cat([data, data_u]),
-                                                       torch.cat([target_full, cs_label_u.to(target_full.dtype)])), n)
         terms: dict[str, torch.Tensor | float] = {
             "cs_sup": self.loss(cs_l, target),
-            "ds_sup": self.loss(ds_l, target),
             "cs_pseudo": self.pseudo_loss(cs_u, targets_like(target_for_cs, cs_u)),
-            "ds_pseudo": self.pseudo_loss(ds_u, targets_like(target_for_ds, ds_u)),
         }
+        if self.ds_on_unlabeled:
+            ds_l, ds_u = split_batch(self.ds_train_forward(torch.cat([data, data_u]),
+                                                           torch.cat([target_full, cs_label_u.to(target_full.dtype)])),
+                                     n)
+            terms["ds_sup"] = self.loss(ds_l, target)
+            terms["ds_pseudo"] = self.pseudo_loss(ds_u, targets_like(target_for_ds, ds_u))
+        else:  # GenericSSL's choice: DS learns from the labeled batch only
+            terms["ds_sup"] = self.loss(self.ds_train_forward(data, target_full), target)
+            terms["ds_pseudo"] = torch.zeros((), device=data.device)
         if self.use_contrastive:
-            embeddings = self.auxiliary["projection_head"].module(cs_features)
-            emb_l, emb_u = split_batch(embeddings, n)
-            terms["contrast"], floor = self.contrastive_loss(emb_l, emb_u, target_full, full_resolution(cs_l),
-                                                             query_target)
+            features_l, features_u = split_batch(cs_features, n)
+            terms["contrast"], floor = self.contrastive_loss(features_l, features_u, target_full,
+                                                             full_resolution(cs_l), query_target)
             terms["contrast_excess"] = float(terms["contrast"].detach()) - floor
         else:
             terms["contrast"], terms["contrast_excess"] = torch.zeros((), device=data.device), nan
@@ -339,6 +401,26 @@ class DiffCLTrainer_noDiffusion(DiffCLTrainer):
         return self.auxiliary["ds"].module(images)
 
 
+class DiffCLTrainer_uncut(DiffCLTrainer):
+    """DiffCL's step before the cost cuts: DS at the planned width, 10 DDIM steps, the head on every voxel."""
+
+    ddim_steps = 10
+    ds_width_fraction = 1.0
+    head_on_sampled_voxels = False
+
+
+class DiffCLTrainer_dsLabeledOnly(DiffCLTrainer):
+    """DS learns from the labeled batch only (GenericSSL's choice): no CS pseudo-labels for DS, a cheaper step."""
+
+    ds_on_unlabeled = False
+
+
+class DiffCLTrainer_halfUnlabeled(DiffCLTrainer):
+    """Half as many unlabeled as labeled patches per step."""
+
+    unlabeled_batch_ratio = 0.5
+
+
 class DiffCLTrainer_DDIM1(DiffCLTrainer):
     ddim_steps = 1
 
@@ -349,6 +431,10 @@ class DiffCLTrainer_DDIM3(DiffCLTrainer):
 
 class DiffCLTrainer_DDIM5(DiffCLTrainer):
     ddim_steps = 5
+
+
+class DiffCLTrainer_DDIM10(DiffCLTrainer):
+    ddim_steps = 10
 
 
 class DiffCLTrainer_DDIM20(DiffCLTrainer):

@@ -153,6 +153,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     copy_paste_fraction: float = 0.5
     ema_teacher: bool = True
     ema_decay: float = 0.99
+    # unlabeled patches per step as a share of nnU-Net's planned (labeled) batch size: the unlabeled batch is
+    # max(1, round(ratio x batch size)); below 1 it cuts the step's cost
+    unlabeled_batch_ratio: float = 1.0
     grad_clip_norm: float = 12.0
     primary_name: str = "network"  # how the primary network's gradient norm is logged
 
@@ -160,13 +163,17 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule_overrides(self)
-        for attribute, variable in DYNAMICS_VARIABLES.items():
-            _override_from_environment(self, variable, attribute, float, "a number")
+        self.read_environment()
         self.check_training_options()
         self.logger.local_logger = TermLogger(list(self.loss_terms) + [WEIGHT_TERM])
         self.auxiliary: dict[str, AuxiliaryNetwork] = {}
         self.ema_sources: dict[str, str] = {}  # EMA network's name -> its source (primary_name or an auxiliary)
         self.ssl_step = 0
+
+    def read_environment(self) -> None:
+        """The ``nnUNet_diffcl_*`` variables that override attributes for one run (checked next)."""
+        for attribute, variable in DYNAMICS_VARIABLES.items():
+            _override_from_environment(self, variable, attribute, float, "a number")
 
     def check_training_options(self) -> None:
         """Refuse impossible dynamics before anything trains (class attribute or ``nnUNet_diffcl_*`` variable)."""
@@ -193,6 +200,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if not 0.0 < self.copy_paste_fraction < 1.0:
             raise ValueError(f"{self.__class__.__name__}: copy_paste_fraction must lie strictly between 0 and 1, "
                              f"got {self.copy_paste_fraction}")
+        if not self.unlabeled_batch_ratio > 0:
+            raise ValueError(f"{self.__class__.__name__}: unlabeled_batch_ratio must be > 0 (unlabeled patches per "
+                             f"labeled patch), got {self.unlabeled_batch_ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"{self.__class__.__name__}: ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -212,6 +222,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
         pass
+
+    def check_checkpoint(self, state: dict, filename: str) -> None:
+        """Refuse a checkpoint whose semi-supervised ``state`` this trainer cannot resume (before loading it)."""
 
     # ----------------------------------------------------------------------------------- helpers
     def unsupervised_weight(self) -> float:
@@ -258,6 +271,10 @@ class SemiSupervisedTrainer(nnUNetTrainer):
             self.label_manager = label_manager
 
     @property
+    def unlabeled_batch_size(self) -> int:
+        return max(1, round(self.unlabeled_batch_ratio * self.batch_size))
+
+    @property
     def ignore_value(self) -> int:
         return self.label_manager.num_segmentation_heads
 
@@ -279,7 +296,9 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if self.student_perturbation == "none":
             return data_u, pseudo_targets
         box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
-        return copy_paste(data_u, data, box), [copy_paste(t, target_full, box) for t in pseudo_targets]
+        # unlabeled sample i receives labeled sample i mod (labeled batch size)
+        source = torch.arange(data_u.shape[0], device=data.device) % data.shape[0]
+        return copy_paste(data_u, data[source], box), [copy_paste(t, target_full[source], box) for t in pseudo_targets]
 
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
@@ -347,11 +366,12 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         if missing:
             raise RuntimeError(f"{folder} lacks the preprocessed unlabeled case(s) {missing[:5]} that its manifest "
                                f"lists: rerun nnUNetv2_diffcl preprocess_unlabeled for this dataset.")
-        loader_u = unlabeled_loader_like(data_loader_of(train), self.dataset_class(folder, cases), self.batch_size,
-                                         self.label_manager)
+        loader_u = unlabeled_loader_like(data_loader_of(train), self.dataset_class(folder, cases),
+                                         self.unlabeled_batch_size, self.label_manager)
         augmenter_u = augmenter_for(loader_u, pin_memory=self.device.type == "cuda")
         _ = next(augmenter_u)
-        self.print_to_log_file(f"Unlabeled data: {len(cases)} case(s) from {folder}, batch size {self.batch_size}")
+        self.print_to_log_file(f"Unlabeled data: {len(cases)} case(s) from {folder}, batch size "
+                               f"{self.unlabeled_batch_size}")
         return SemiSupervisedBatches(train, augmenter_u), val
 
     def on_train_end(self) -> None:
@@ -454,6 +474,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
                 f"{filename_or_checkpoint} was written by {checkpoint.get('trainer_name')} and holds no "
                 f"semi-supervised state, so {self.__class__.__name__} cannot resume from it. Start a new training "
                 f"(without --c), or use -pretrained_weights to start from its network weights.")
+        self.check_checkpoint(state, filename_or_checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
         for name, aux in self.auxiliary.items():
             if name not in state["networks"]:

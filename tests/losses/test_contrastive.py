@@ -27,6 +27,30 @@ def test_projection_head_gives_unit_embeddings(conv_op, spatial):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(2, *spatial))
 
 
+@pytest.mark.parametrize("conv_op,spatial", [(torch.nn.Conv1d, (9,)), (torch.nn.Conv2d, (5, 7)),
+                                             (torch.nn.Conv3d, (3, 4, 5))])
+def test_projection_head_on_sampled_voxels_equals_sampling_the_embedded_map(conv_op, spatial):
+    torch.manual_seed(0)
+    head = ProjectionHead(8, embed_dim=6, conv_op=conv_op)
+    features = torch.randn(2, 8, *spatial)
+    labels = torch.randint(0, 3, (2, *spatial))
+    mask = torch.rand(2, *spatial) > 0.3
+    map_then_sample = sample_per_class(head(features), labels, mask, 4, 3, torch.Generator().manual_seed(1))
+    sample_then_embed = sample_per_class(features, labels, mask, 4, 3, torch.Generator().manual_seed(1))
+    assert sample_then_embed[0].shape == (sample_then_embed[1].numel(), 8)
+    torch.testing.assert_close(head(sample_then_embed[0]), map_then_sample[0])
+    assert torch.equal(sample_then_embed[1], map_then_sample[1])
+
+
+def test_projection_head_on_no_voxels():
+    assert ProjectionHead(8, embed_dim=6, conv_op=torch.nn.Conv3d)(torch.zeros(0, 8)).shape == (0, 6)
+
+
+def test_projection_head_refuses_other_ops():
+    with pytest.raises(TypeError, match="Conv1d, Conv2d or Conv3d"):
+        ProjectionHead(8, conv_op=torch.nn.Linear)
+
+
 def test_bank_is_fifo_per_class_with_capacity():
     bank = ClassMemoryBank(num_classes=2, embed_dim=1, capacity=3)
     bank.push(torch.tensor([[1.0], [2.0], [10.0]]), torch.tensor([0, 0, 1]))

@@ -54,9 +54,9 @@ def test_networks_and_options(trainer):
     assert set(trainer.auxiliary) == {"ds", "projection_head", "memory_bank", "cs_ema"}
     assert trainer.auxiliary["memory_bank"].optimizer is None
     assert len(trainer.network.hf_mamba) == 1  # CS = planned network + HF-Mamba at the bottleneck
-    assert trainer.sampler.timesteps[0] == 999 and trainer.sampler.timesteps[-1] == 0
+    assert trainer.diffusion.sampler.timesteps[0] == 999 and trainer.diffusion.sampler.timesteps[-1] == 0
     assert (trainer.mu1, trainer.mu2, trainer.eta, trainer.contrastive_temperature) == (1.0, 1.0, 0.1, 0.1)
-    assert diffcl.DiffCLTrainer.ddim_steps == 10 and not trainer._do_i_compile()
+    assert diffcl.DiffCLTrainer.ddim_steps == 2 and not trainer._do_i_compile()
 
 
 def test_step_terms_and_every_parameter_gets_a_gradient(trainer):
@@ -153,7 +153,7 @@ def test_each_variant_builds_and_takes_a_step(cls, dataset_copy, in_process_env)
     if cls is diffcl.DiffCLTrainer_noDiffusion:
         assert type(trainer.auxiliary["ds"].module) is type(trainer.network)
     if cls is diffcl.DiffCLTrainer_DDIM1:
-        assert trainer.sampler.timesteps == [999]
+        assert trainer.diffusion.sampler.timesteps == [999]
 
 
 def _ddp_worker(rank: int, world: int, port: int, root: str, queue) -> None:

@@ -250,7 +250,7 @@ def test_dynamics_variants_take_a_step(dataset_copy, in_process_env, cls):
     if cls in (cps.CPSTrainer_original, diffcl.DiffCLTrainer_original):
         assert not trainer.ema_sources and trainer.pseudo_loss is trainer.loss
     if cls is diffcl.DiffCLTrainer_dsScale01:
-        assert trainer.sampler.signal_scale == 0.1
+        assert trainer.diffusion.sampler.signal_scale == 0.1
 
 
 def test_branch_dice_record_earns_the_veto_per_class():

@@ -1,0 +1,129 @@
+"""The settings that cut DiffCLTrainer's step: head on sampled voxels, DS width, DS on labeled data only, the
+unlabeled batch ratio, DDIM steps and the in-training Dice-versus-S diagnostics; their bad values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
+from nnunetv2_diffcl.trainers import cps, diffcl
+from tests.trainers.test_cps_trainer import clone, make_trainer
+from tests.trainers.test_diffcl_trainer import DiffCLTrainer_tiny, fixed_batch
+from tests.trainers.test_dynamics import unbuilt
+
+
+def variant(**attributes) -> type:
+    return type("DiffCLTrainer_tinyVariant", (DiffCLTrainer_tiny,), attributes)
+
+
+def test_head_on_sampled_voxels_gives_the_full_heads_loss(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    n, spatial = 2, (8, 8, 8)
+    features = torch.randn(2 * n, trainer.auxiliary["projection_head"].module.net[0].in_channels, *spatial)
+    target = torch.randint(0, 3, (n, 1, *spatial))
+    logits = torch.randn(n, 3, *spatial)
+    query = torch.randint(0, 4, (n, 1, *spatial))  # 3 = the ignore value (left out)
+    bank = trainer.auxiliary["memory_bank"].module
+    bank.push(torch.nn.functional.normalize(torch.randn(60, trainer.embed_dim), dim=1), torch.arange(60) % 3)
+    state = {k: v.clone() for k, v in bank.state_dict().items()}
+    results = {}
+    for sampled in (False, True):
+        bank.load_state_dict(state)
+        trainer.head_on_sampled_voxels = sampled
+        torch.manual_seed(7)
+        loss, floor = trainer.contrastive_loss(features[:n], features[n:], target, logits, query)
+        results[sampled] = (loss, floor, bank.features.clone(), bank.count.clone())
+    torch.testing.assert_close(results[True][0], results[False][0])
+    assert results[True][0] > 0 and results[True][1] == results[False][1]
+    torch.testing.assert_close(results[True][2], results[False][2])  # the bank got the same new entries
+    assert torch.equal(results[True][3], results[False][3])
+
+
+def test_ds_on_labeled_data_only(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, variant(ds_on_unlabeled=False))
+    batch = fixed_batch(trainer)
+    data, target, data_u = batch["data"], batch["target"], batch[UNLABELED_KEY]["data"]
+    seen = []
+    forward = trainer.ds_train_forward
+    trainer.ds_train_forward = lambda images, labels: seen.append(images.shape[0]) or forward(images, labels)
+    total, terms = trainer.compute_losses(data, target, data_u, weight=1.0)
+    assert seen == [data.shape[0]]  # DS learnt from the labeled batch alone
+    assert float(terms["ds_pseudo"]) == 0.0 and torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for n, p in trainer.auxiliary["ds"].module.named_parameters()
+               if "seg_layers.0" not in n)
+
+
+def test_narrow_ds_and_diagnostic_ddim_steps(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, variant(ds_width_fraction=0.5, diagnostic_ddim_steps=(1, 3)))
+    planned = trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+    assert list(trainer.auxiliary["ds"].module.encoder.output_channels) == [round(f / 2) for f in planned]
+    batch = fixed_batch(trainer)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 0  # a diagnostics step: DS's Dice is sampled at S = 2 (the default here), 1 and 3
+    out = trainer.train_step(clone(batch))
+    assert all(0.0 <= out[k] <= 1.0 for k in ("ds_dice_l", "ds_dice_l_S1", "ds_dice_l_S3"))
+    out = trainer.train_step(clone(batch))  # not a diagnostics step
+    assert np.isnan(out["ds_dice_l_S1"]) and np.isfinite(out["loss"])
+    assert "ds_dice_l_S3" in trainer.logged_terms
+
+
+@pytest.mark.parametrize("cls", [cps.CPSTrainer, DiffCLTrainer_tiny])
+def test_unlabeled_batch_ratio(dataset_copy, in_process_env, cls):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, type("Half", (cls,), {"unlabeled_batch_ratio": 0.5}))
+    batch = fixed_batch(trainer)
+    assert trainer.batch_size == 2 and trainer.unlabeled_batch_size == 1
+    assert batch[UNLABELED_KEY]["data"].shape[0] == 1 and batch["data"].shape[0] == 2
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6  # past the warm-up: copy-paste and the unlabeled terms run
+    assert np.isfinite(trainer.train_step(clone(batch))["loss"])
+
+
+@pytest.mark.parametrize("cls, attribute, value, message", [
+    (diffcl.DiffCLTrainer, "ds_width_fraction", 0.0, r"ds_width_fraction must lie in \(0, 1\]"),
+    (diffcl.DiffCLTrainer, "ds_width_fraction", 1.5, r"ds_width_fraction must lie in \(0, 1\]"),
+    (diffcl.DiffCLTrainer, "ddim_steps", 0, r"ddim_steps \(0\) and diagnostic_ddim_steps .* \[1, "),
+    (diffcl.DiffCLTrainer, "diagnostic_ddim_steps", (2, 5000), r"\(\(2, 5000\); nnUNet_diffcl_diagnostic_ddim_steps\)"),
+    (cps.CPSTrainer, "unlabeled_batch_ratio", 0.0, "unlabeled_batch_ratio must be > 0"),
+])
+def test_bad_cost_settings_are_refused(dataset_copy, in_process_env, cls, attribute, value, message):
+    in_process_env(dataset_copy)
+    with pytest.raises(ValueError, match=message):
+        unbuilt(dataset_copy, type("Bad", (cls,), {attribute: value}))
+
+
+def test_diagnostic_ddim_steps_from_the_environment(dataset_copy, in_process_env, monkeypatch):
+    in_process_env(dataset_copy)
+    monkeypatch.setenv("nnUNet_diffcl_diagnostic_ddim_steps", "1, 3,10")
+    assert unbuilt(dataset_copy, diffcl.DiffCLTrainer).diagnostic_ddim_steps == (1, 3, 10)
+    assert diffcl.DiffCLTrainer.diagnostic_ddim_steps == ()
+    monkeypatch.setenv("nnUNet_diffcl_diagnostic_ddim_steps", "1;3")
+    with pytest.raises(ValueError, match="nnUNet_diffcl_diagnostic_ddim_steps must be comma-separated"):
+        unbuilt(dataset_copy, diffcl.DiffCLTrainer)
+
+
+def test_a_checkpoint_of_another_ds_width_is_refused_with_the_fix(dataset_copy, in_process_env):
+    import os
+
+    from nnunetv2_diffcl.trainers.diffcl import checkpoint_ds_width
+
+    in_process_env(dataset_copy)
+    trainer = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    path = os.path.join(trainer.output_folder, "checkpoint_width.pth")
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["semi_supervised"]
+    assert checkpoint_ds_width(state) == 0.5 and checkpoint_ds_width({"extra": {}}) == 1.0  # old: full width
+    wide = make_trainer(dataset_copy, variant(ds_width_fraction=1.0))
+    with pytest.raises(RuntimeError, match="width fraction 0.5.*resume with a trainer of DS width 0.5"):
+        wide.load_checkpoint(path)
+    make_trainer(dataset_copy, DiffCLTrainer_tiny).load_checkpoint(path)  # the same width loads
