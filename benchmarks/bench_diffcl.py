@@ -122,7 +122,7 @@ def step_times(device: torch.device, dataset: str, configuration: str, names: li
     def batch_of(trainer) -> dict:
         if not hasattr(trainer, "unlabeled_batch_size"):
             return batch
-        from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
+        from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
         unlabeled = {k: v[: trainer.unlabeled_batch_size] for k, v in batch[UNLABELED_KEY].items()
                      if isinstance(v, torch.Tensor)}
         return {**batch, UNLABELED_KEY: unlabeled}
@@ -148,9 +148,9 @@ def step_times(device: torch.device, dataset: str, configuration: str, names: li
 
 def step_breakdown(device: torch.device, dataset: str, configuration: str, name: str, repeats: int) -> dict:
     """Fastest seconds of each part of one DiffCL step, each run on its own on the same batch, and the whole."""
-    from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
     from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, split_batch
     from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
+    from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
 
     torch.manual_seed(0)
     trainer = make_trainer(name, dataset, configuration, device)

@@ -12,9 +12,9 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("nnunetv2_diffcl.doctor", "check that nnU-Net finds the plugin's trainers and what runs where"),
-    "preprocess_unlabeled": ("nnunetv2_diffcl.data.preprocess_unlabeled_command",
+    "preprocess_unlabeled": ("nnunetv2_diffcl.unlabeled.preprocess_unlabeled_command",
                              "preprocess imagesTu/ with the dataset's own plans"),
-    "synthetic": ("nnunetv2_diffcl.datasets.synthetic_command",
+    "synthetic": ("nnunetv2_diffcl.dataset_conversion.synthetic_command",
                   "write the synthetic demo dataset into nnUNet_raw"),
     "demo": ("nnunetv2_diffcl.demo", "run the whole workflow on synthetic data (CPU, a few minutes)"),
     "predict_ensemble": ("nnunetv2_diffcl.ensemble",
@@ -23,11 +23,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "train, predict and evaluate several trainers with one schedule; table, JSON and bar plot"),
     "evaluate": ("nnunetv2_diffcl.evaluation.evaluate",
                  "Dice, Jaccard, HD95 and ASD (mm and voxels) of a prediction folder against references"),
-    "convert_la": ("nnunetv2_diffcl.datasets.converters.la",
+    "convert_la": ("nnunetv2_diffcl.dataset_conversion.converters.la",
                    "left atrium (LA 2018 challenge folders or h5 release) -> nnU-Net raw, semi-supervised split"),
-    "convert_pancreas": ("nnunetv2_diffcl.datasets.converters.pancreas",
+    "convert_pancreas": ("nnunetv2_diffcl.dataset_conversion.converters.pancreas",
                          "NIH pancreas CT (NIfTI, DICOM or h5 release) -> nnU-Net raw, semi-supervised split"),
-    "convert_brats": ("nnunetv2_diffcl.datasets.converters.brats",
+    "convert_brats": ("nnunetv2_diffcl.dataset_conversion.converters.brats",
                       "BraTS 2019 FLAIR whole tumour (challenge folders or h5) -> nnU-Net raw, semi-supervised split"),
 }
 

@@ -91,7 +91,7 @@ def write_overlays(out: Path, raw: Path, predictions: dict[str, Path], case: str
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, write_synthetic_dataset
+    from nnunetv2_diffcl.dataset_conversion.synthetic import SyntheticConfig, write_synthetic_dataset
 
     out = Path(args.out).resolve()
     try:

@@ -91,7 +91,7 @@ def nnunet_env(root: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def planned_dataset(tmp_path_factory: pytest.TempPathFactory) -> PlannedDataset:
-    from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, write_synthetic_dataset
+    from nnunetv2_diffcl.dataset_conversion.synthetic import SyntheticConfig, write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_env(root)

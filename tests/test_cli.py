@@ -56,7 +56,7 @@ def test_synthetic_domains_writes_the_benchmark_and_its_all_labeled_reference(ca
     (["--domains", "--unlabeled", "8", "--shape", "8", "32", "32"], (993, "DiffCLDomains", 4, 8, 24, (8, 32, 32))),
 ])
 def test_synthetic_defaults_depend_on_domains(argv, defaults):
-    from nnunetv2_diffcl.datasets.synthetic_command import configure_parser, resolve_options
+    from nnunetv2_diffcl.dataset_conversion.synthetic_command import configure_parser, resolve_options
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)

@@ -18,23 +18,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunetv2_diffcl.network_architectures.hf_mamba import HFMamba
+from nnunetv2_diffcl.network_architectures.planned_unet import encoder_and_decoder
 
 NetworkOutput = torch.Tensor | list[torch.Tensor]
-
-
-def encoder_and_decoder(planned_network: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The encoder (with ``stages`` and ``output_channels``) and the decoder of a planned U-Net.
-
-    The networks nnU-Net plans (dynamic_network_architectures' U-Nets) have this shape; the plugin's
-    networks reuse these parts, so anything else is refused with a TypeError.
-    """
-    encoder = getattr(planned_network, "encoder", None)
-    decoder = getattr(planned_network, "decoder", None)
-    if encoder is None or decoder is None or not hasattr(encoder, "output_channels") or not hasattr(encoder, "stages"):
-        raise TypeError(
-            f"{type(planned_network).__name__} is not an encoder/decoder U-Net from dynamic_network_architectures"
-        )
-    return encoder, decoder
 
 
 def forward_capturing_features(network: nn.Module, decoder: nn.Module, x: torch.Tensor

@@ -19,7 +19,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import Tensor, nn
 
-from nnunetv2_diffcl.network_architectures.cnn_branch import encoder_and_decoder
+from nnunetv2_diffcl.network_architectures.planned_unet import encoder_and_decoder
 
 NetworkOutput = Tensor | list[Tensor]
 

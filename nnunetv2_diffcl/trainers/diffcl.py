@@ -56,6 +56,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 )
 from nnunetv2_diffcl.network_architectures.cnn_branch import forward_capturing_features
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
+from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     NoConfidenceMask,
@@ -64,7 +65,6 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
     NoWarmup,
     OriginalDynamics,
     SemiSupervisedTrainer,
-    _override_from_environment,
 )
 
 DIAGNOSTIC_STEPS_VARIABLE = "nnUNet_diffcl_diagnostic_ddim_steps"
@@ -123,7 +123,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
 
     def read_environment(self) -> None:
         super().read_environment()
-        _override_from_environment(self, DIAGNOSTIC_STEPS_VARIABLE, "diagnostic_ddim_steps", _step_counts,
+        override_from_environment(self, DIAGNOSTIC_STEPS_VARIABLE, "diagnostic_ddim_steps", _step_counts,
                                    "comma-separated whole numbers, e.g. 1,3,10")
 
     def check_training_options(self) -> None:
@@ -197,7 +197,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         aux = {"ds": AuxiliaryNetwork(ds, *self.optimizer_for(ds))}
         if self.use_contrastive:
             features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"][0]
-            conv_op = type(self._bare(self.network).decoder.seg_layers[-1])
+            conv_op = self._bare(self.network).encoder.conv_op
             head = ProjectionHead(features, self.embed_dim, conv_op).to(self.device)
             aux["projection_head"] = AuxiliaryNetwork(head, *self.optimizer_for(head))
             bank = ClassMemoryBank(self.num_classes, self.embed_dim, self.bank_capacity).to(self.device)

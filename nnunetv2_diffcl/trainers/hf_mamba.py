@@ -5,16 +5,14 @@ shares. Everything except the network is nnU-Net's ``nnUNetTrainer``.
 """
 
 
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunetv2_diffcl.network_architectures.cnn_branch import build_hf_mamba_network
-from nnunetv2_diffcl.trainers.semi_supervised import apply_schedule_overrides
+from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment
 
 
-class HFMambaTrainer(nnUNetTrainer):
+class HFMambaTrainer(ScheduleFromEnvironment):
     """nnUNetTrainer + HF-Mamba at the bottleneck (``hf_mamba_stages``) with ``hf_cutoff_ratio``.
 
     Options are class attributes (nnU-Net fixes the ``__init__`` signature); make a subclass to change
@@ -24,11 +22,6 @@ class HFMambaTrainer(nnUNetTrainer):
 
     hf_mamba_stages: int = 1
     hf_cutoff_ratio: float = 0.25
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule_overrides(self)  # nnUNet_diffcl_epochs etc., as for every plugin trainer
 
     @classmethod
     def build_network_architecture(

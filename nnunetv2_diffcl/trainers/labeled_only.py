@@ -7,14 +7,9 @@ shorten the semi-supervised trainers' (demo and benchmark use the same schedule 
 
 from __future__ import annotations
 
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-from nnunetv2_diffcl.trainers.semi_supervised import apply_schedule_overrides
+from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment
 
 
-class LabeledOnlyTrainer(nnUNetTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule_overrides(self)
+class LabeledOnlyTrainer(ScheduleFromEnvironment):
+    """nnUNetTrainer on the labeled cases, nothing else changed: the reference every semi-supervised trainer must
+    beat. Variants change nnUNetTrainer's own attributes, as nnU-Net's variants do."""

@@ -2,7 +2,7 @@
 
 :class:`SemiSupervisedTrainer` is nnU-Net's trainer with
 
-- a training loader that yields an unlabeled batch beside each labeled one (data/semi_supervised_loader);
+- a training loader that yields an unlabeled batch beside each labeled one (unlabeled/semi_supervised_loader);
 - auxiliary networks with their own optimiser and learning-rate schedule (CPS's second network,
   Diff-CL's diffusion branch, ...), trained in the same step, saved in and restored from checkpoints;
 - the training dynamics that decide when and how much the unsupervised terms count: a supervised
@@ -33,27 +33,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.paths import nnUNet_raw
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunetv2_diffcl.data.semi_supervised_loader import (
-    UNLABELED_KEY,
-    SemiSupervisedBatches,
-    augmenter_for,
-    data_loader_of,
-    unlabeled_loader_like,
-)
-from nnunetv2_diffcl.data.unlabeled import check_unlabeled_data, unlabeled_folder
 from nnunetv2_diffcl.losses.pseudo_labels import (
     copy_paste,
     label_and_confidence,
     masked_pseudo_label,
     random_boxes,
 )
+from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment, override_from_environment
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
+from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
+from nnunetv2_diffcl.unlabeled.semi_supervised_loader import (
+    UNLABELED_KEY,
+    SemiSupervisedBatches,
+    augmenter_for,
+    data_loader_of,
+    unlabeled_loader_like,
+)
 
 CHECKPOINT_KEY = "semi_supervised"
 WEIGHT_TERM = "unsupervised_weight"
@@ -70,30 +70,6 @@ def sigmoid_rampup(progress: float) -> float:
     """exp(-5 (1 - x)^2) for x = progress clipped to [0, 1] (Laine & Aila, 2017): 0.0067 -> 1."""
     x = min(max(progress, 0.0), 1.0)
     return float(math.exp(-5.0 * (1.0 - x) ** 2))
-
-
-def apply_schedule_overrides(trainer: nnUNetTrainer) -> None:
-    """``nnUNet_diffcl_epochs``, ``_iterations`` and ``_val_iterations`` shorten a schedule (demo, tests).
-
-    Environment variables rather than arguments because nnU-Net's trainer signature is fixed.
-    """
-    for var, attr in (("nnUNet_diffcl_epochs", "num_epochs"),
-                      ("nnUNet_diffcl_iterations", "num_iterations_per_epoch"),
-                      ("nnUNet_diffcl_val_iterations", "num_val_iterations_per_epoch")):
-        if _override_from_environment(trainer, var, attr, int, "a whole number") and getattr(trainer, attr) <= 0:
-            raise ValueError(f"{var} must be a positive whole number, got {os.environ[var]}")
-
-
-def _override_from_environment(trainer: nnUNetTrainer, variable: str, attribute: str, cast: type, kind: str) -> bool:
-    """An experiment's knob: ``variable``, when set, overrides ``attribute`` for one run; True if it did."""
-    value = os.environ.get(variable)
-    if not value:
-        return False
-    try:
-        setattr(trainer, attribute, cast(value))
-    except ValueError:
-        raise ValueError(f"{variable} must be {kind}, got {value!r}") from None
-    return True
 
 
 @torch.no_grad()
@@ -127,7 +103,7 @@ class AuxiliaryNetwork:
     lr_scheduler: Any = None
 
 
-class SemiSupervisedTrainer(nnUNetTrainer):
+class SemiSupervisedTrainer(ScheduleFromEnvironment):
     """Base class of the plugin's semi-supervised trainers (not a trainer by itself).
 
     Training dynamics, as class attributes (a variant changes them in a subclass; the ``nnUNet_diffcl_*``
@@ -162,7 +138,6 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_schedule_overrides(self)
         self.read_environment()
         self.check_training_options()
         self.logger.local_logger = TermLogger(list(self.loss_terms) + [WEIGHT_TERM])
@@ -173,7 +148,7 @@ class SemiSupervisedTrainer(nnUNetTrainer):
     def read_environment(self) -> None:
         """The ``nnUNet_diffcl_*`` variables that override attributes for one run (checked next)."""
         for attribute, variable in DYNAMICS_VARIABLES.items():
-            _override_from_environment(self, variable, attribute, float, "a number")
+            override_from_environment(self, variable, attribute, float, "a number")
 
     def check_training_options(self) -> None:
         """Refuse impossible dynamics before anything trains (class attribute or ``nnUNet_diffcl_*`` variable)."""

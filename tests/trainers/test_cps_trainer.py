@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY, SemiSupervisedBatches
-from nnunetv2_diffcl.data.unlabeled import UnlabeledDataError, manifest_file
 from nnunetv2_diffcl.trainers.cps import CPSTrainer
 from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY, sigmoid_rampup
+from nnunetv2_diffcl.unlabeled.preprocessing import UnlabeledDataError, manifest_file
+from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY, SemiSupervisedBatches
 from tests.conftest import DATASET_ID, LOGGED_TERM, command, run_command
 
 

@@ -12,9 +12,9 @@ import SimpleITK as sitk
 import torch
 import torch.multiprocessing as mp
 
-from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
 from nnunetv2_diffcl.trainers import diffcl
 from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY
+from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
 from tests.conftest import DATASET_ID, LOGGED_TERM, command, run_command
 from tests.trainers.test_cps_trainer import clone, make_trainer, supervised_loss
 
@@ -209,7 +209,7 @@ def test_ddp_logic_on_two_cpu_processes(dataset_copy):
 
 
 def test_refuses_without_unlabeled_data(dataset_copy, in_process_env):
-    from nnunetv2_diffcl.data.unlabeled import UnlabeledDataError, manifest_file
+    from nnunetv2_diffcl.unlabeled.preprocessing import UnlabeledDataError, manifest_file
 
     in_process_env(dataset_copy)
     os.remove(manifest_file(str(dataset_copy.preprocessed), "nnUNetPlans_3d_fullres"))

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
 from nnunetv2_diffcl.losses.contrastive import infonce_floor, supervised_infonce
 from nnunetv2_diffcl.losses.pseudo_labels import (
     copy_paste,
@@ -23,6 +22,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 )
 from nnunetv2_diffcl.trainers import cps, diffcl
 from nnunetv2_diffcl.trainers.semi_supervised import CHECKPOINT_KEY, ema_update, sigmoid_rampup
+from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
 from tests.trainers.test_cps_trainer import clone, make_trainer
 from tests.trainers.test_diffcl_trainer import DiffCLTrainer_tiny, fixed_batch
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_diffcl.data.semi_supervised_loader import UNLABELED_KEY
 from nnunetv2_diffcl.trainers import cps, diffcl
+from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
 from tests.trainers.test_cps_trainer import clone, make_trainer
 from tests.trainers.test_diffcl_trainer import DiffCLTrainer_tiny, fixed_batch
 from tests.trainers.test_dynamics import unbuilt

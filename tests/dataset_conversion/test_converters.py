@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_diffcl.datasets.converters import brats, la, pancreas
-from nnunetv2_diffcl.datasets.converters.common import (
+from nnunetv2_diffcl.dataset_conversion.converters import brats, la, pancreas
+from nnunetv2_diffcl.dataset_conversion.converters.common import (
     ConverterError,
     list_entry_name,
     select_labeled,

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
-from nnunetv2_diffcl.datasets.raw_layout import RawDatasetWriter
+from nnunetv2_diffcl.dataset_conversion.raw_layout import RawDatasetWriter
 
 # One case: (image, label or None). Labels are binarised by the converter before they get here.
 CaseData = tuple[sitk.Image, sitk.Image | None]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_diffcl.datasets.raw_layout import RawDatasetWriter
-from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, make_case, write_synthetic_dataset
+from nnunetv2_diffcl.dataset_conversion.raw_layout import RawDatasetWriter
+from nnunetv2_diffcl.dataset_conversion.synthetic import SyntheticConfig, make_case, write_synthetic_dataset
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 32), (24, 40, 36)])
@@ -107,7 +107,7 @@ DEFAULT_DOMAIN_SHAPE = (16, 64, 64)  # write_domain_shift_dataset's default: the
 
 @pytest.mark.parametrize("shape", [(8, 32, 32), (12, 40, 36)])
 def test_domain_case_shapes_and_types(shape):
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES, make_domain_case
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
 
     for style in DOMAIN_STYLES:
         image, label = make_domain_case(np.random.default_rng(1), shape, style)
@@ -118,7 +118,7 @@ def test_domain_case_shapes_and_types(shape):
 
 
 def test_domain_case_anatomy_does_not_depend_on_the_style():
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES, make_domain_case
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
 
     labels = [make_domain_case(np.random.default_rng(4), (8, 32, 32), style)[1] for style in DOMAIN_STYLES]
     for label in labels[1:]:
@@ -132,7 +132,7 @@ def test_lesion_is_small_and_sits_in_the_organ(seed):
     """At the default size; in an (8, 32, 32) volume the lesion (2-4 voxels in radius) can pass 1 %."""
     from scipy import ndimage
 
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES, make_domain_case
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
 
     _, label = make_domain_case(np.random.default_rng(seed), DEFAULT_DOMAIN_SHAPE, DOMAIN_STYLES[0])
     lesion = label == 2
@@ -150,7 +150,7 @@ def test_lesion_is_small_and_sits_in_the_organ(seed):
 def domain_images():
     """Each domain's rendering of the same two cases (one rng seed each: same anatomy, bias field and noise draw),
     in the generator's intensity units (the written images are x1000)."""
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES, make_domain_case
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
 
     cases = {}
     for seed in (0, 1):
@@ -197,7 +197,7 @@ def _boundary_profile(image: np.ndarray, label: np.ndarray) -> tuple[float, floa
 
 
 def test_domain_noise_follows_noise_sigma(domain_images):
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES
 
     sigmas = [style.noise_sigma for style in DOMAIN_STYLES]
     assert sigmas == sorted(sigmas) and len(set(sigmas)) == len(sigmas)
@@ -216,7 +216,7 @@ def test_domain_edges_soften_with_blur_sigma():
     and the sharpness with it. Noise and blur stay as the style renders them."""
     from dataclasses import replace
 
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES, make_domain_case
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
 
     blurs = [style.blur_sigma for style in DOMAIN_STYLES]
     assert blurs == sorted(blurs) and len(set(blurs)) == len(blurs)
@@ -244,7 +244,7 @@ def test_domain_contrast_is_ordered_as_promised(domain_images):
     (sd 0.1-0.16 over cases), and nnU-Net's z-score normalisation divides the step by an sd that itself grows
     with the step, so neither orders the domains reliably.
     """
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_STYLES
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES
 
     promised = [style.contrast() for style in DOMAIN_STYLES]
     for seed in (0, 1):
@@ -262,7 +262,7 @@ def _files(folder) -> dict[str, bytes]:
 
 
 def test_domain_shift_dataset_and_its_all_labeled_reference(tmp_path):
-    from nnunetv2_diffcl.datasets.synthetic import DOMAIN_LABELS, write_domain_shift_dataset
+    from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_LABELS, write_domain_shift_dataset
 
     folders = write_domain_shift_dataset(tmp_path, 993, num_labeled=2, num_unlabeled=4, num_test=4, seed=3,
                                          shape=(8, 32, 32), all_labeled_id=994)
@@ -289,7 +289,7 @@ def test_domain_shift_dataset_and_its_all_labeled_reference(tmp_path):
 
 @pytest.mark.parametrize("existing", ["Dataset993_DiffCLDomains", "Dataset994_DiffCLDomainsAllLabeled"])
 def test_domain_shift_dataset_refuses_an_existing_folder_and_writes_neither(tmp_path, existing):
-    from nnunetv2_diffcl.datasets.synthetic import write_domain_shift_dataset
+    from nnunetv2_diffcl.dataset_conversion.synthetic import write_domain_shift_dataset
 
     (tmp_path / existing).mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):

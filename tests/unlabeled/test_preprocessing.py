@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_diffcl.data.unlabeled import (
+from nnunetv2_diffcl.unlabeled.preprocessing import (
     UnlabeledDataError,
     check_unlabeled_data,
     find_unlabeled_cases,
@@ -197,7 +197,7 @@ def test_geometry_the_reader_rejects(dataset_copy, in_process_env):
 
 
 def test_before_planning_says_which_command_to_run(tmp_path, in_process_env):
-    from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, write_synthetic_dataset
+    from nnunetv2_diffcl.dataset_conversion.synthetic import SyntheticConfig, write_synthetic_dataset
     from tests.conftest import PlannedDataset, nnunet_env
 
     dataset = in_process_env(PlannedDataset(tmp_path, nnunet_env(tmp_path)))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_diffcl.datasets.raw_layout import RawDatasetWriter
+from nnunetv2_diffcl.dataset_conversion.raw_layout import RawDatasetWriter
 
 
 @dataclass
@@ -107,7 +107,7 @@ def write_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int = 990, 
                 writer.add_case(subset, f"syn_{index:03d}", [image], None if subset == "unlabeled" else label,
                                 spacing=config.spacing)
                 index += 1
-        folder = writer.finish(seed=seed, license="synthetic, CC0", source="nnunetv2_diffcl.datasets.synthetic",
+        folder = writer.finish(seed=seed, license="synthetic, CC0", source=__name__,
                                shape=list(config.shape), spacing=list(config.spacing))
     return str(folder)
 
@@ -247,7 +247,7 @@ def write_domain_shift_dataset(raw_root: str | os.PathLike, dataset_id: int, nam
                     subset = "labeled"
                 writer.add_case(subset, case_id, [image], None if subset == "unlabeled" else label)
             folders.append(str(writer.finish(
-                seed=seed, license="synthetic, CC0", source="nnunetv2_diffcl.datasets.synthetic (domain shift)",
+                seed=seed, license="synthetic, CC0", source=f"{__name__} (domain shift)",
                 shape=list(shape), domains=[asdict(s) for s in DOMAIN_STYLES],
                 labeled_domains=[0], all_labeled_reference=all_labeled)))
     return folders

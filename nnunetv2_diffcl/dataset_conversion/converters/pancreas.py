@@ -28,7 +28,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from nnunetv2_diffcl.datasets.converters.common import (
+from nnunetv2_diffcl.dataset_conversion.converters.common import (
     CaseData,
     ConverterError,
     SplitLists,

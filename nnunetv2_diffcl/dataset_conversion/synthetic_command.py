@@ -7,7 +7,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-from nnunetv2_diffcl.datasets.synthetic import SyntheticConfig, write_domain_shift_dataset, write_synthetic_dataset
+from nnunetv2_diffcl.dataset_conversion.synthetic import (
+    SyntheticConfig,
+    write_domain_shift_dataset,
+    write_synthetic_dataset,
+)
 
 PROG = "nnUNetv2_diffcl synthetic"
 # (dataset id, name, labeled, unlabeled, test, shape) when the user gives none: the demo's single-domain set, or the

@@ -1,11 +1,11 @@
-"""``nnUNetv2_diffcl preprocess_unlabeled``: command-line front of data/unlabeled.py."""
+"""``nnUNetv2_diffcl preprocess_unlabeled``: command-line front of unlabeled/preprocessing.py."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from nnunetv2_diffcl.data.unlabeled import UnlabeledDataError, preprocess_unlabeled
+from nnunetv2_diffcl.unlabeled.preprocessing import UnlabeledDataError, preprocess_unlabeled
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

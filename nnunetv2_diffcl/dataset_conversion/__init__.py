@@ -1,0 +1,1 @@
+"""Raw datasets in nnU-Net's format: the layout writer, synthetic generators and converters of public datasets."""

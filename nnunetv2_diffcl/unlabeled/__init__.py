@@ -1,0 +1,2 @@
+"""Unlabeled cases at training time: preprocessed with the dataset's own plans, checked, and loaded beside the
+labeled batch."""
