@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from nnunetv2_diffcl.errors import UserInputError, error_line
+
 DEFAULT_TRAINERS = ["LabeledOnlyTrainer", "CPSTrainer", "DiffCLTrainer"]
 LOWER_REFERENCE = "LabeledOnlyTrainer"  # trained on the labeled cases only: what every other trainer must beat
 REFERENCE_ROW = "all-labeled reference"  # LOWER_REFERENCE trained on --reference: every training case labeled
@@ -87,6 +89,16 @@ def _repeated(rows: list[dict]) -> bool:
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's, in --c's order
 
 
+def dataset_name(dataset: str) -> str:
+    """nnU-Net's folder name of a dataset given by id or name; a UserInputError naming it when nnU-Net has none."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return str(maybe_convert_to_dataset_name(dataset))  # a numpy string otherwise
+    except RuntimeError as e:
+        raise UserInputError(f"dataset {dataset}: {e}") from None
+
+
 def check_run(fold_dir: Path, schedule: dict) -> tuple[str, float | None]:
     """State of a trainer's fold folder: ``"new"``, ``"unfinished"`` (resume with ``--c``) or ``"finished"``
     (reuse), and the recorded training time of a finished run.
@@ -103,14 +115,14 @@ def check_run(fold_dir: Path, schedule: dict) -> tuple[str, float | None]:
     if not record.exists():
         if finished:
             return "finished", None  # trained outside the benchmark (e.g. by hand): its schedule is the user's business
-        raise RuntimeError(f"{fold_dir} holds an unfinished training ({present[0]}) that this benchmark did not "
-                           f"start; finish it with `nnUNetv2_train ... --c` or delete {fold_dir.parent}")
+        raise UserInputError(f"{fold_dir} holds an unfinished training ({present[0]}) that this benchmark did not "
+                             f"start; finish it with `nnUNetv2_train ... --c` or delete {fold_dir.parent}")
     recorded = json.loads(record.read_text(encoding="utf-8"))
     if recorded["schedule"] != schedule:
         what = "was trained" if finished else "holds an unfinished training started"
-        raise RuntimeError(f"{fold_dir} {what} with schedule {recorded['schedule']}, but this benchmark asks "
-                           f"for {schedule}; rerun with the same --epochs/--iterations/--val-iterations (and "
-                           f"nnUNet_diffcl_* variables), or delete {fold_dir.parent} to retrain it")
+        raise UserInputError(f"{fold_dir} {what} with schedule {recorded['schedule']}, but this benchmark asks "
+                             f"for {schedule}; rerun with the same --epochs/--iterations/--val-iterations (and "
+                             f"nnUNet_diffcl_* variables), or delete {fold_dir.parent} to retrain it")
     return ("finished" if finished else "unfinished"), recorded.get("train_seconds")
 
 
@@ -134,13 +146,13 @@ def check_trainers(trainers: list[str], schedule: dict) -> None:
             except RuntimeError:
                 cls = None
         if cls is None:
-            raise RuntimeError(f"trainer {name!r} not found by nnU-Net (nor in nnUNet_extTrainer); "
-                               f"`nnUNetv2_diffcl doctor` lists the plugin's trainers")
+            raise UserInputError(f"trainer {name!r} not found by nnU-Net (nor in nnUNet_extTrainer); "
+                                 f"`nnUNetv2_diffcl doctor` lists the plugin's trainers")
         if any(schedule.get(key) is not None for key in SCHEDULE_VARIABLES) and \
                 not issubclass(cls, tuple(PLUGIN_TRAINERS)):
-            raise RuntimeError(f"{name} does not read nnUNet_diffcl_epochs/_iterations/_val_iterations, so it would "
-                               f"not train with the schedule given to the other trainers; use LabeledOnlyTrainer "
-                               f"(nnUNetTrainer that follows the schedule) or a plugin trainer")
+            raise UserInputError(f"{name} does not read nnUNet_diffcl_epochs/_iterations/_val_iterations, so it would "
+                                 f"not train with the schedule given to the other trainers; use LabeledOnlyTrainer "
+                                 f"(nnUNetTrainer that follows the schedule) or a plugin trainer")
 
 
 def fold_dir_of(results_root: Path, dataset_name: str, trainer: str, configuration: str) -> Path:
@@ -160,9 +172,9 @@ def check_reusable_runs(results_roots: list[Path], dataset_name: str, trainers: 
 def check_reference_trainers(trainers: list[str]) -> None:
     """The all-labeled reference is only read against the lower one: both must be in the benchmark."""
     if LOWER_REFERENCE not in trainers:
-        raise RuntimeError(f"--reference needs {LOWER_REFERENCE} among --trainers (it is the lower reference: "
-                           f"'gap closed' runs from it, 0, to the all-labeled reference, 1); add {LOWER_REFERENCE} "
-                           f"to --trainers {' '.join(trainers)}")
+        raise UserInputError(f"--reference needs {LOWER_REFERENCE} among --trainers (it is the lower reference: "
+                             f"'gap closed' runs from it, 0, to the all-labeled reference, 1); add {LOWER_REFERENCE} "
+                             f"to --trainers {' '.join(trainers)}")
 
 
 def _dataset_id(dataset_name: str) -> str:
@@ -178,12 +190,12 @@ def _configuration(plans: dict, configuration: str, what: str) -> dict:
     chain = [configuration]
     while True:
         if chain[-1] not in configurations:
-            raise RuntimeError(f"{what} has no configuration {chain[-1]!r} (it has {sorted(configurations)})")
+            raise UserInputError(f"{what} has no configuration {chain[-1]!r} (it has {sorted(configurations)})")
         parent = configurations[chain[-1]].get("inherits_from")
         if parent is None:
             break
         if parent in chain:
-            raise RuntimeError(f"{what}: configuration {configuration!r} inherits from itself ({' -> '.join(chain)})")
+            raise UserInputError(f"{what}: configuration {configuration!r} inherits from itself ({' -> '.join(chain)})")
         chain.append(parent)
     for name in reversed(chain):
         resolved.update(configurations[name])
@@ -205,7 +217,7 @@ def check_reference_plans(main_plans: dict, reference_plans: dict, configuration
     theirs = _configuration(reference_plans, configuration, f"{PLANS}.json of {reference}")
     for key in ("batch_size", "patch_size"):
         if ours.get(key) != theirs.get(key):
-            raise RuntimeError(
+            raise UserInputError(
                 f"configuration {configuration}: {reference} is planned with {key} {theirs.get(key)}, {main} with "
                 f"{key} {ours.get(key)}; the all-labeled reference must train with the main dataset's plans. Run "
                 f"{reference_fix(main, reference, configuration)}")
@@ -215,40 +227,40 @@ def check_reference(preprocessed_root: Path, raw_root: Path, main: str, referenc
     """Before anything trains: the reference dataset is preprocessed for ``configuration`` with the main dataset's
     batch and patch size, has what ``nnUNetv2_train`` reads, and labels its classes as the main dataset does."""
     if reference == main:
-        raise RuntimeError(f"--reference {reference} is the benchmarked dataset itself; give its all-labeled copy "
-                           f"(`nnUNetv2_diffcl synthetic --domains --all-labeled-id ID` writes one)")
+        raise UserInputError(f"--reference {reference} is the benchmarked dataset itself; give its all-labeled copy "
+                             f"(`nnUNetv2_diffcl synthetic --domains --all-labeled-id ID` writes one)")
     main_plans_file = preprocessed_root / main / f"{PLANS}.json"
     if not main_plans_file.is_file():
-        raise RuntimeError(f"{main_plans_file} not found: plan {main} first (`nnUNetv2_plan_and_preprocess -d "
-                           f"{_dataset_id(main)} -c {configuration}`)")
+        raise UserInputError(f"{main_plans_file} not found: plan {main} first (`nnUNetv2_plan_and_preprocess -d "
+                             f"{_dataset_id(main)} -c {configuration}`)")
     base = preprocessed_root / reference
     r = _dataset_id(reference)
     plans_file = base / f"{PLANS}.json"
     if not plans_file.is_file():
-        raise RuntimeError(f"{plans_file} not found: the reference is not planned. Run `nnUNetv2_extract_fingerprint "
-                           f"-d {r}`, {reference_fix(main, reference, configuration)} (copy "
-                           f"{raw_root / reference / 'dataset.json'} into {base} before preprocessing)")
+        raise UserInputError(f"{plans_file} not found: the reference is not planned. Run `nnUNetv2_extract_fingerprint "
+                             f"-d {r}`, {reference_fix(main, reference, configuration)} (copy "
+                             f"{raw_root / reference / 'dataset.json'} into {base} before preprocessing)")
     check_reference_plans(json.loads(main_plans_file.read_text(encoding="utf-8")),
                           json.loads(plans_file.read_text(encoding="utf-8")), configuration, main, reference)
     if not (base / "dataset.json").is_file():  # nnU-Net's planner copies it there; moving plans does not
-        raise RuntimeError(f"{base / 'dataset.json'} not found (nnUNetv2_preprocess and nnUNetv2_train read it "
-                           f"there): copy {raw_root / reference / 'dataset.json'} to {base / 'dataset.json'}, then "
-                           f"run `nnUNetv2_preprocess -d {r} -c {configuration}`")
+        raise UserInputError(f"{base / 'dataset.json'} not found (nnUNetv2_preprocess and nnUNetv2_train read it "
+                             f"there): copy {raw_root / reference / 'dataset.json'} to {base / 'dataset.json'}, then "
+                             f"run `nnUNetv2_preprocess -d {r} -c {configuration}`")
     if not (base / "dataset_fingerprint.json").is_file():  # nnUNetv2_train copies it beside the model
-        raise RuntimeError(f"{base / 'dataset_fingerprint.json'} not found (nnUNetv2_train copies it): run "
-                           f"`nnUNetv2_extract_fingerprint -d {r}`")
+        raise UserInputError(f"{base / 'dataset_fingerprint.json'} not found (nnUNetv2_train copies it): run "
+                             f"`nnUNetv2_extract_fingerprint -d {r}`")
     data = base / _configuration(json.loads(plans_file.read_text(encoding="utf-8")), configuration,
                                  str(plans_file)).get("data_identifier", f"{PLANS}_{configuration}")
     if not data.is_dir() or not any(data.iterdir()):
-        raise RuntimeError(f"{data} is missing or empty: {reference} is not preprocessed for {configuration}; run "
-                           f"`nnUNetv2_preprocess -d {r} -c {configuration}`")
+        raise UserInputError(f"{data} is missing or empty: {reference} is not preprocessed for {configuration}; run "
+                             f"`nnUNetv2_preprocess -d {r} -c {configuration}`")
     main_json = raw_root / main / "dataset.json"
     if not main_json.is_file():
         main_json = preprocessed_root / main / "dataset.json"
     labels = [json.loads(file.read_text(encoding="utf-8"))["labels"] for file in (main_json, base / "dataset.json")]
     if labels[0] != labels[1]:
-        raise RuntimeError(f"{reference} labels {labels[1]}, {main} labels {labels[0]}: the reference predicts "
-                           f"{main}'s test cases, so its labels must be the same")
+        raise UserInputError(f"{reference} labels {labels[1]}, {main} labels {labels[0]}: the reference predicts "
+                             f"{main}'s test cases, so its labels must be the same")
 
 
 def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configuration: str, device: str,
@@ -506,33 +518,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
     if missing:
-        print(f"ERROR: set {', '.join(missing)} (see nnU-Net's documentation/setting_up_paths.md)", file=sys.stderr)
-        return 1
+        raise UserInputError(f"set {', '.join(missing)} (see nnU-Net's documentation/setting_up_paths.md)")
+    for option in ("epochs", "iterations", "val_iterations"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise UserInputError(f"--{option.replace('_', '-')} {getattr(args, option)}: give at least 1")
     if args.repeats < 1:
-        print("ERROR: --repeats must be at least 1", file=sys.stderr)
-        return 1
+        raise UserInputError(f"--repeats {args.repeats}: give at least 1")
     if args.npp < 0 or args.nps < 0 or (args.npp == 0) != (args.nps == 0):
-        print(f"ERROR: -npp {args.npp} -nps {args.nps}: give both 0 (predict in one process) or both at least 1 "
-              f"(nnUNetv2_predict runs sequentially only when both are 0)", file=sys.stderr)
-        return 1
-    try:
-        if args.reference is not None:
-            check_reference_trainers(args.trainers)
-        dataset = str(maybe_convert_to_dataset_name(args.d))  # numpy string otherwise
-        reference = None if args.reference is None else str(maybe_convert_to_dataset_name(args.reference))
-    except RuntimeError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+        raise UserInputError(f"-npp {args.npp} -nps {args.nps}: give both 0 (predict in one process) or both at "
+                             f"least 1 (nnUNetv2_predict runs sequentially only when both are 0)")
+    if args.reference is not None:
+        check_reference_trainers(args.trainers)
+    dataset, reference = (None if d is None else dataset_name(d) for d in (args.d, args.reference))
     raw = Path(os.environ["nnUNet_raw"]) / dataset
     for sub in ("imagesTs", "labelsTs"):
         if not (raw / sub).is_dir() or not any((raw / sub).iterdir()):
-            print(f"ERROR: {raw / sub} is missing or empty: the benchmark predicts imagesTs and evaluates against "
-                  f"labelsTs (the converters and `nnUNetv2_diffcl synthetic` write both)", file=sys.stderr)
-            return 1
+            raise UserInputError(f"{raw / sub} is missing or empty: the benchmark predicts imagesTs and evaluates "
+                                 f"against labelsTs (the converters and `nnUNetv2_diffcl synthetic` write both)")
     out = (Path(args.o) if args.o else Path(os.environ["nnUNet_results"]) / dataset / "diffcl_benchmark").resolve()
     env = dict(os.environ)
     for key, var in SCHEDULE_VARIABLES.items():
@@ -545,17 +549,13 @@ def run(args: argparse.Namespace) -> int:
         else:  # every repeat needs its own results folder: nnU-Net's fold_all folder holds one model
             repeats.append((k, {**env, "nnUNet_results": str(out / f"repeat_{k}" / "nnUNet_results")},
                             out / f"repeat_{k}" / "predictions", f"_repeat{k}"))
-    try:
-        check_trainers(args.trainers, schedule_of(env))
-        results_roots = [Path(e["nnUNet_results"]) for _, e, _, _ in repeats]
-        check_reusable_runs(results_roots, dataset, args.trainers, args.c, schedule_of(env))
-        if reference is not None:
-            check_reference(Path(os.environ["nnUNet_preprocessed"]), Path(os.environ["nnUNet_raw"]), dataset,
-                            reference, args.c)
-            check_reusable_runs(results_roots, reference, [LOWER_REFERENCE], args.c, schedule_of(env))
-    except RuntimeError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+    check_trainers(args.trainers, schedule_of(env))
+    results_roots = [Path(e["nnUNet_results"]) for _, e, _, _ in repeats]
+    check_reusable_runs(results_roots, dataset, args.trainers, args.c, schedule_of(env))
+    if reference is not None:
+        check_reference(Path(os.environ["nnUNet_preprocessed"]), Path(os.environ["nnUNet_raw"]), dataset,
+                        reference, args.c)
+        check_reusable_runs(results_roots, reference, [LOWER_REFERENCE], args.c, schedule_of(env))
     flow = Workflow(out, env)
     flow.say(f"benchmark of {', '.join(args.trainers)} on {dataset} ({args.c}, fold all, {args.repeats} repeat(s)) "
              f"-> {out}" + ("" if reference is None else f"; {REFERENCE_ROW}: {LOWER_REFERENCE} on {reference}"))
@@ -572,8 +572,8 @@ def run(args: argparse.Namespace) -> int:
                                       f"_reference{suffix}", (args.npp, args.nps), test_dataset=dataset)
                 runs.append({**row, "trainer": REFERENCE_ROW, "trainer_class": LOWER_REFERENCE,
                              "trained_on": reference, "repeat": k})
-    except RuntimeError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+    except RuntimeError as e:  # a step failed: its log's last lines say why
+        print(error_line("benchmark", e), file=sys.stderr)
         return 1
     add_comparisons(runs)
     rows = combine_repeats(runs) if args.repeats > 1 else runs

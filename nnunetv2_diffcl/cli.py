@@ -1,7 +1,8 @@
 """``nnUNetv2_diffcl``: the plugin's own commands, next to nnU-Net's.
 
 Each command lives in its own module with ``configure_parser(parser)`` and ``run(args) -> int``; the
-module is imported only when its command runs, so ``--help`` and ``doctor`` start fast.
+module is imported only when its command runs, so ``--help`` and ``doctor`` start fast. A command raises
+:class:`~nnunetv2_diffcl.errors.UserInputError` for bad input; it is printed here, with exit code 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from nnunetv2_diffcl.errors import UserInputError, error_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("nnunetv2_diffcl.doctor", "check that nnU-Net finds the plugin's trainers and what runs where"),
@@ -51,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"nnUNetv2_diffcl {argv[0]}", description=help_text)
     module.configure_parser(parser)
-    return int(module.run(parser.parse_args(argv[1:])) or 0)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserInputError as e:  # bad input: its message, never a traceback
+        print(error_line(argv[0], e), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from nnunetv2_diffcl.benchmark import Workflow, format_table, run_trainers, tool
+from nnunetv2_diffcl.errors import UserInputError, error_line
 
 DATASET_ID = 990
 DATASET_NAME = "Dataset990_DiffCLSynthetic"
@@ -41,10 +42,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values the workflow cannot run with, before any folder is touched."""
+    for option in ("epochs", "iterations", "labeled", "unlabeled", "test"):
+        if getattr(args, option) < 1:
+            raise UserInputError(f"--{option} {getattr(args, option)}: give at least 1")
+    if min(args.shape) < 16:
+        raise UserInputError(f"--shape {' '.join(map(str, args.shape))}: every size must be at least 16 voxels (the "
+                             f"planned network downsamples several times)")
+
+
 def prepare_folder(out: Path) -> None:
     """Use ``out`` only if it is new, empty, or an earlier demo's folder (then its data is replaced)."""
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise RuntimeError(f"{out} exists and was not made by the demo; choose another --out folder")
+        raise UserInputError(f"--out {out} exists and was not made by the demo; choose another --out folder")
     for sub in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "predictions", "logs", "overlays"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,12 +104,9 @@ def write_overlays(out: Path, raw: Path, predictions: dict[str, Path], case: str
 def run(args: argparse.Namespace) -> int:
     from nnunetv2_diffcl.dataset_conversion.synthetic import SyntheticConfig, write_synthetic_dataset
 
+    check_arguments(args)
     out = Path(args.out).resolve()
-    try:
-        prepare_folder(out)
-    except RuntimeError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+    prepare_folder(out)
     env = {**os.environ, "nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
            "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_def_n_proc": "2", "nnUNet_compile": "false",
            "nnUNet_diffcl_epochs": str(args.epochs), "nnUNet_diffcl_iterations": str(args.iterations),
@@ -124,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         predictions = {r["trainer"]: out / "predictions" / r["trainer"] for r in rows}
         case = sorted(rows[0]["per_case_dice"])[0]
         overlay = write_overlays(out, raw, predictions, case)
-    except RuntimeError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+    except RuntimeError as e:  # a step failed: its log's last lines say why
+        print(error_line("demo", e), file=sys.stderr)
         return 1
     table = format_table(rows)
     total = time.time() - flow.start

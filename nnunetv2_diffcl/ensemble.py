@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nnunetv2_diffcl.diffusion_branch import DiffusionBranch
+from nnunetv2_diffcl.errors import UserInputError, error_line
 
 
 class DSCSEnsemble(nn.Module):
@@ -43,8 +44,8 @@ def ensemble_parameters(checkpoints: list[dict]) -> list[dict]:
     for checkpoint in checkpoints:
         state = checkpoint.get("semi_supervised", {}).get("networks", {})
         if "ds" not in state:
-            raise ValueError(f"checkpoint of {checkpoint.get('trainer_name')} holds no diffusion branch (DS): "
-                             "the ensemble needs a DiffCLTrainer checkpoint")
+            raise UserInputError(f"checkpoint of {checkpoint.get('trainer_name')} holds no diffusion branch (DS): "
+                                 "the ensemble needs a DiffCLTrainer checkpoint")
         combined.append({**{f"cs.{k}": v for k, v in checkpoint["network_weights"].items()},
                          **{f"ds.{k}": v for k, v in state["ds"].items()}})
     return combined
@@ -69,7 +70,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print):
     """nnU-Net's predictor for the trained model, with its network replaced by the ensemble."""
-    from os.path import join
+    from os.path import isfile, join
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -79,22 +80,31 @@ def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print
 
     from nnunetv2_diffcl.trainers.diffcl import DiffCLTrainer, DiffCLTrainer_noDiffusion, checkpoint_ds_width
 
+    if args.ddim_steps is not None and args.ddim_steps < 1:
+        raise UserInputError(f"--ddim_steps {args.ddim_steps}: give at least 1 (or leave it out: the trainer's)")
     trainer_class = recursive_find_trainer_class_by_name(args.tr)
+    if trainer_class is None:
+        raise UserInputError(f"-tr {args.tr}: nnU-Net finds no trainer of that name (`nnUNetv2_diffcl doctor` lists "
+                             f"the plugin's)")
     if not issubclass(trainer_class, DiffCLTrainer) or issubclass(trainer_class, DiffCLTrainer_noDiffusion):
-        raise ValueError(f"{args.tr} has no diffusion branch; the ensemble needs DiffCLTrainer or a variant with DS")
+        raise UserInputError(f"-tr {args.tr} has no diffusion branch; give DiffCLTrainer or a variant with DS")
     device = torch.device(args.device)
     predictor = nnUNetPredictor(use_mirroring=not args.disable_tta, device=device,
                                 perform_everything_on_device=device.type == "cuda", allow_tqdm=False)
     folds = [f if f == "all" else int(f) for f in args.f]
     model = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+    missing = [join(model, f"fold_{f}", args.chk) for f in folds if not isfile(join(model, f"fold_{f}", args.chk))]
+    if missing:
+        raise UserInputError(f"{', '.join(missing)} not found: train the model first (nnUNetv2_train {args.d} "
+                             f"{args.c} FOLD -tr {args.tr}), or pass the folds (-f) and checkpoint (-chk) it has")
     predictor.initialize_from_trained_model_folder(model, folds, args.chk)
     checkpoints = [torch.load(join(model, f"fold_{f}", args.chk), map_location="cpu", weights_only=False)
                    for f in folds]
     settings = trainer_class.diffusion_settings()
     widths = {checkpoint_ds_width(c.get("semi_supervised", {})) for c in checkpoints}
     if len(widths) > 1:
-        raise ValueError(f"the folds' checkpoints hold DS networks of different widths {sorted(widths)}: ensemble "
-                         f"folds trained with one DS width")
+        raise UserInputError(f"the folds' checkpoints hold DS networks of different widths {sorted(widths)}: "
+                             f"ensemble folds trained with one DS width")
     settings["width_fraction"] = widths.pop()  # what was trained, whatever the class's default is now
     if args.ddim_steps is not None:
         settings["ddim_steps"] = args.ddim_steps
@@ -114,9 +124,9 @@ def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print
 
 def run(args: argparse.Namespace) -> int:
     try:
-        predictor = build_predictor(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
+        predictor = build_predictor(args)  # UserInputError: bad arguments or no trained model (exit 2)
+    except RuntimeError as e:  # nnU-Net could not find the dataset or trainer
+        print(error_line("predict_ensemble", e), file=sys.stderr)
         return 1
     predictor.predict_from_files(args.i, args.o, save_probabilities=False, overwrite=True,
                                  num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)

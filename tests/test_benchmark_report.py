@@ -23,6 +23,7 @@ from nnunetv2_diffcl.benchmark import (
     wins_against,
     write_report,
 )
+from nnunetv2_diffcl.errors import UserInputError
 
 CLASSES = {"1": "organ", "2": "lesion"}
 
@@ -151,15 +152,15 @@ def plans(**changes) -> dict:
 def test_reference_with_other_plans_is_refused_naming_both_values_and_the_fix():
     check_reference_plans(plans(), plans(), "2d", "Dataset993_A", "Dataset994_B")
     check_reference_plans(plans(), plans(), "2d_small", "Dataset993_A", "Dataset994_B")  # inheritance resolved
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(UserInputError) as info:
         check_reference_plans(plans(), plans(batch_size=40), "2d", "Dataset993_A", "Dataset994_B")
     message = str(info.value)
     assert "batch_size 40" in message and "batch_size 12" in message and "Dataset994_B" in message
     assert "nnUNetv2_move_plans_between_datasets -s 993 -t 994 -sp nnUNetPlans -tp nnUNetPlans" in message
     assert "nnUNetv2_preprocess -d 994 -c 2d" in message
-    with pytest.raises(RuntimeError, match=r"patch_size \[32, 32\].*patch_size \[64, 64\]"):
+    with pytest.raises(UserInputError, match=r"patch_size \[32, 32\].*patch_size \[64, 64\]"):
         check_reference_plans(plans(), plans(patch_size=[32, 32]), "2d", "Dataset993_A", "Dataset994_B")
-    with pytest.raises(RuntimeError, match="has no configuration '3d_fullres'"):
+    with pytest.raises(UserInputError, match="has no configuration '3d_fullres'"):
         check_reference_plans(plans(), plans(), "3d_fullres", "Dataset993_A", "Dataset994_B")
 
 
@@ -189,7 +190,7 @@ def test_reference_must_be_ready_to_train(tmp_path, remove, message):
     raw, pre = preprocessed_pair(tmp_path)
     check_reference(pre, raw, "Dataset993_A", "Dataset994_B", "2d")
     (pre / "Dataset994_B" / remove).unlink()
-    with pytest.raises(RuntimeError, match="Dataset994_B") as info:
+    with pytest.raises(UserInputError, match="Dataset994_B") as info:
         check_reference(pre, raw, "Dataset993_A", "Dataset994_B", "2d")
     assert message in str(info.value)
 
@@ -197,21 +198,23 @@ def test_reference_must_be_ready_to_train(tmp_path, remove, message):
 def test_reference_must_label_as_the_dataset_and_not_be_it(tmp_path):
     raw, pre = preprocessed_pair(tmp_path)
     (pre / "Dataset994_B" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1}}))
-    with pytest.raises(RuntimeError, match="its labels must be the same"):
+    with pytest.raises(UserInputError, match="its labels must be the same"):
         check_reference(pre, raw, "Dataset993_A", "Dataset994_B", "2d")
-    with pytest.raises(RuntimeError, match="is the benchmarked dataset itself"):
+    with pytest.raises(UserInputError, match="is the benchmarked dataset itself"):
         check_reference(pre, raw, "Dataset993_A", "Dataset993_A", "2d")
 
 
 def test_reference_without_labeled_only_trainer_is_refused(monkeypatch, capsys):
-    from nnunetv2_diffcl.benchmark import configure_parser, run
+    from nnunetv2_diffcl.benchmark import configure_parser
 
     check_reference_trainers(["CPSTrainer", LOWER_REFERENCE])
-    with pytest.raises(RuntimeError, match="--reference needs LabeledOnlyTrainer among --trainers"):
+    with pytest.raises(UserInputError, match="--reference needs LabeledOnlyTrainer among --trainers"):
         check_reference_trainers(["CPSTrainer", "DiffCLTrainer"])
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, "/nonexistent")
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    assert run(parser.parse_args(["-d", "993", "--reference", "994", "--trainers", "CPSTrainer"])) == 1
-    assert "add LabeledOnlyTrainer to --trainers CPSTrainer" in capsys.readouterr().err
+    from nnunetv2_diffcl.cli import main
+
+    assert main(["benchmark", "-d", "993", "--reference", "994", "--trainers", "CPSTrainer"]) == 2
+    assert "nnUNetv2_diffcl benchmark: error: --reference needs LabeledOnlyTrainer" in capsys.readouterr().err

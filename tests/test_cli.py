@@ -35,8 +35,8 @@ def test_each_command_module_has_the_hooks(name):
 
 def test_synthetic_command_needs_a_raw_folder(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    assert main(["synthetic"]) == 1
-    assert "nnUNet_raw is not set" in capsys.readouterr().err
+    assert main(["synthetic"]) == 2
+    assert "nnUNetv2_diffcl synthetic: error: nnUNet_raw is not set" in capsys.readouterr().err
     assert main(["synthetic", "--raw", str(tmp_path), "-d", "7", "--labeled", "1", "--unlabeled", "1", "--test", "0",
                  "--shape", "8", "8", "8"]) == 0
     assert (tmp_path / "Dataset007_DiffCLSynthetic" / "imagesTu" / "syn_001_0000.nii.gz").exists()

@@ -42,7 +42,8 @@ def test_demo_runs_the_workflow_and_prints_a_table(demo):
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("user data")
     result = run_captured([command("nnUNetv2_diffcl"), "demo", "--out", str(tmp_path)], timeout=120)
-    assert result.returncode == 1 and "was not made by the demo" in result.stderr
+    assert result.returncode == 2 and "nnUNetv2_diffcl demo: error: --out" in result.stderr
+    assert "was not made by the demo" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "user data"
 
 
@@ -212,7 +213,7 @@ def test_benchmark_needs_test_labels(demo, tmp_path):
     env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
            "nnUNet_results": str(tmp_path / "results")}
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990"], timeout=120, env=env)
-    assert result.returncode == 1 and "labelsTs is missing or empty" in result.stderr
+    assert result.returncode == 2 and "labelsTs is missing or empty" in result.stderr
 
 
 @pytest.mark.parametrize("trainers, schedule, message", [
@@ -221,8 +222,9 @@ def test_benchmark_needs_test_labels(demo, tmp_path):
 ])
 def test_benchmark_checks_its_trainers_before_training(trainers, schedule, message):
     from nnunetv2_diffcl.benchmark import check_trainers, schedule_of
+    from nnunetv2_diffcl.errors import UserInputError
 
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(UserInputError, match=message):
         check_trainers(trainers, schedule_of({f"nnUNet_diffcl_{k}": v for k, v in schedule.items()}))
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
+from nnunetv2_diffcl.errors import UserInputError
+
 SUBSET_FOLDERS: dict[str, tuple[str, str | None]] = {
     "labeled": ("imagesTr", "labelsTr"),
     "unlabeled": ("imagesTu", None),
@@ -35,8 +37,10 @@ SPLIT_FILE = "split.json"
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     """nnU-Net's folder name for a dataset: ``Dataset{ID:03d}_{name}``."""
-    assert 0 < dataset_id < 1000, f"nnU-Net dataset ids are 1..999, got {dataset_id}"
-    assert name and "/" not in name and " " not in name, f"invalid dataset name {name!r}"
+    if not 0 < dataset_id < 1000:
+        raise UserInputError(f"dataset id {dataset_id}: nnU-Net dataset ids are 1..999")
+    if not name or "/" in name or " " in name:
+        raise UserInputError(f"dataset name {name!r}: give a non-empty name without '/' or spaces")
     return f"Dataset{dataset_id:03d}_{name}"
 
 
@@ -46,12 +50,14 @@ def _to_image(array_or_image: np.ndarray | sitk.Image, spacing: Sequence[float] 
     if isinstance(array_or_image, sitk.Image):
         return array_or_image
     array = np.asarray(array_or_image)
-    assert array.ndim in (2, 3), f"expected a 2D or 3D array, got shape {array.shape}"
+    if array.ndim not in (2, 3):
+        raise ValueError(f"expected a 2D or 3D array, got shape {array.shape}")
     image = sitk.GetImageFromArray(array)
     if reference is not None:
         image.CopyInformation(reference)
     elif spacing is not None:
-        assert len(spacing) == array.ndim, f"spacing {spacing} does not match array shape {array.shape}"
+        if len(spacing) != array.ndim:
+            raise ValueError(f"spacing {spacing} does not match array shape {array.shape}")
         image.SetSpacing([float(s) for s in reversed(spacing)])
     return image
 
@@ -84,9 +90,10 @@ class RawDatasetWriter:
                  label: np.ndarray | sitk.Image | None = None,
                  spacing: Sequence[float] | None = None) -> None:
         """Write one case. ``images`` holds one entry per channel; test and labeled cases need a label."""
-        assert subset in SUBSET_FOLDERS, f"subset must be one of {list(SUBSET_FOLDERS)}, got {subset!r}"
-        assert len(images) == len(self.channel_names), (
-            f"case {case_id}: {len(images)} channels given, dataset has {len(self.channel_names)}")
+        if subset not in SUBSET_FOLDERS:
+            raise ValueError(f"subset must be one of {list(SUBSET_FOLDERS)}, got {subset!r}")
+        if len(images) != len(self.channel_names):
+            raise ValueError(f"case {case_id}: {len(images)} channels given, dataset has {len(self.channel_names)}")
         if any(case_id in ids for ids in self.cases.values()):
             raise ValueError(f"case {case_id} was added twice")
         image_dir, label_dir = SUBSET_FOLDERS[subset]

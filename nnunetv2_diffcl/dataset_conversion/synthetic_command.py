@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import dataclass
 
 from nnunetv2_diffcl.dataset_conversion.synthetic import (
@@ -12,16 +11,12 @@ from nnunetv2_diffcl.dataset_conversion.synthetic import (
     write_domain_shift_dataset,
     write_synthetic_dataset,
 )
+from nnunetv2_diffcl.errors import UserInputError
 
-PROG = "nnUNetv2_diffcl synthetic"
 # (dataset id, name, labeled, unlabeled, test, shape) when the user gives none: the demo's single-domain set, or the
 # domain-shift benchmark (ids apart, so that both can sit in one nnUNet_raw: nnU-Net refuses two folders of one id)
 PLAIN_DEFAULTS = (990, "DiffCLSynthetic", 4, 16, 6, (40, 40, 40))
 DOMAIN_DEFAULTS = (993, "DiffCLDomains", 4, 48, 24, (16, 64, 64))
-
-
-class UsageError(ValueError):
-    """Input the command refuses before writing anything (exit code 2, as argparse's own errors)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +57,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_options(args: argparse.Namespace) -> SyntheticOptions:
-    """Fill in the defaults of the chosen mode and check the input; raises :class:`UsageError`."""
+    """Fill in the defaults of the chosen mode and check the input; raises :class:`UserInputError`."""
     dataset_id, name, labeled, unlabeled, test, shape = DOMAIN_DEFAULTS if args.domains else PLAIN_DEFAULTS
     options = SyntheticOptions(
         domains=args.domains, dataset_id=dataset_id if args.d is None else args.d,
@@ -71,39 +66,34 @@ def resolve_options(args: argparse.Namespace) -> SyntheticOptions:
         test=test if args.test is None else args.test, shape=shape if args.shape is None else tuple(args.shape),
         seed=args.seed, all_labeled_id=args.all_labeled_id, overwrite=args.overwrite)
     if options.all_labeled_id is not None and not options.domains:
-        raise UsageError(f"--all-labeled-id {options.all_labeled_id} needs --domains (the all-labeled reference "
-                         f"belongs to the domain-shift benchmark); add --domains or leave --all-labeled-id out")
+        raise UserInputError(f"--all-labeled-id {options.all_labeled_id} needs --domains (the all-labeled reference "
+                             f"belongs to the domain-shift benchmark); add --domains or leave --all-labeled-id out")
     for option, value in (("-d", options.dataset_id), ("--all-labeled-id", options.all_labeled_id)):
         if value is not None and not 0 < value < 1000:
-            raise UsageError(f"{option} {value}: nnU-Net dataset ids are 1 to 999; choose one in that range")
+            raise UserInputError(f"{option} {value}: nnU-Net dataset ids are 1 to 999; choose one in that range")
     if options.all_labeled_id is not None and options.all_labeled_id == options.dataset_id:
-        raise UsageError(f"--all-labeled-id {options.all_labeled_id} equals -d {options.dataset_id}: the all-labeled "
-                         f"reference needs a dataset id of its own; give another --all-labeled-id (e.g. "
-                         f"{options.dataset_id % 999 + 1})")
+        raise UserInputError(f"--all-labeled-id {options.all_labeled_id} equals -d {options.dataset_id}: the "
+                             f"all-labeled reference needs a dataset id of its own; give another --all-labeled-id "
+                             f"(e.g. {options.dataset_id % 999 + 1})")
     if not options.name or "/" in options.name or " " in options.name:
-        raise UsageError(f"--name {options.name!r}: a dataset name must be non-empty, without '/' or spaces")
+        raise UserInputError(f"--name {options.name!r}: a dataset name must be non-empty, without '/' or spaces")
     for option, value in (("--labeled", options.labeled), ("--unlabeled", options.unlabeled),
                           ("--test", options.test)):
         if value < 0:
-            raise UsageError(f"{option} {value}: a number of cases cannot be negative; give 0 or more")
+            raise UserInputError(f"{option} {value}: a number of cases cannot be negative; give 0 or more")
     if options.labeled < 1:
-        raise UsageError(f"--labeled {options.labeled}: nnU-Net plans and trains on the labeled cases; give at "
-                         f"least 1")
+        raise UserInputError(f"--labeled {options.labeled}: nnU-Net plans and trains on the labeled cases; give at "
+                             f"least 1")
     if min(options.shape) < 1:
-        raise UsageError(f"--shape {' '.join(map(str, options.shape))}: every size must be at least 1 voxel")
+        raise UserInputError(f"--shape {' '.join(map(str, options.shape))}: every size must be at least 1 voxel")
     return options
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        options = resolve_options(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    options = resolve_options(args)  # UserInputError before anything is written
     raw = args.raw or os.environ.get("nnUNet_raw")
     if not raw:
-        print("ERROR: nnUNet_raw is not set; set it or pass --raw FOLDER", file=sys.stderr)
-        return 1
+        raise UserInputError("nnUNet_raw is not set; set it or pass --raw FOLDER")
     try:
         if options.domains:
             folders = write_domain_shift_dataset(
@@ -114,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
                                                options.unlabeled, options.test, options.seed,
                                                SyntheticConfig(shape=options.shape), overwrite=options.overwrite)]
     except FileExistsError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+        raise UserInputError(str(e)) from None
     for folder in folders:
         print(f"wrote {folder}")
     return 0

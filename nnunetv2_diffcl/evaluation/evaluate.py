@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_diffcl.errors import UserInputError
 from nnunetv2_diffcl.evaluation.metrics import (
     METRIC_NAMES,
     case_metrics,
@@ -37,8 +38,8 @@ KNOWN_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".
 DEFAULT_TOLERANCE = 1e-3
 
 
-class EvaluationError(RuntimeError):
-    """Raised when not a single case could be evaluated."""
+class EvaluationError(UserInputError):
+    """Not a single case could be evaluated (the message says why); exit code 2."""
 
 
 def _ending_of(name: str) -> str | None:
@@ -227,12 +228,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table and errors; exit 0 if all went well, 1 on file errors, 2 if none."""
     output = args.output if args.output is not None else str(Path(args.prediction) / "summary.json")
-    try:
-        summary = evaluate_folders(args.reference, args.prediction, output, args.labels,
-                                   args.num_processes, args.file_ending, args.tolerance)
-    except EvaluationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = evaluate_folders(args.reference, args.prediction, output, args.labels, args.num_processes,
+                               args.file_ending, args.tolerance)  # EvaluationError: nothing to evaluate, exit 2
     print(format_table(summary))
     print(f"{summary['n_cases_evaluated']} case(s) evaluated; summary written to {output}")
     for error in summary["errors"]:

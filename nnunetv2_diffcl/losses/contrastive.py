@@ -45,7 +45,9 @@ class ClassMemoryBank(nn.Module):
 
     def __init__(self, num_classes: int, embed_dim: int, capacity: int = 2048) -> None:
         super().__init__()
-        assert num_classes > 0 and embed_dim > 0 and capacity > 0, "sizes must be positive"
+        if min(num_classes, embed_dim, capacity) < 1:
+            raise ValueError(f"the bank's sizes must be positive: {num_classes} classes, embedding dim {embed_dim}, "
+                             f"capacity {capacity}")
         self.register_buffer("features", torch.zeros(num_classes, capacity, embed_dim))
         self.register_buffer("pointer", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))

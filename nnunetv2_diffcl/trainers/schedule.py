@@ -6,8 +6,6 @@ trainer's ``__init__`` signature. Every plugin trainer derives from :class:`Sche
 labeled-only baseline and the semi-supervised trainers follow the same schedule when the variables are set.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Callable
 from typing import Any

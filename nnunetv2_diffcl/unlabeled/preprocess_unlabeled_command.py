@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from nnunetv2_diffcl.unlabeled.preprocessing import UnlabeledDataError, preprocess_unlabeled
+from nnunetv2_diffcl.unlabeled.preprocessing import preprocess_unlabeled
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +18,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     nproc = args.np[0] if args.np is not None and len(args.np) == 1 else args.np
-    try:
-        outputs = preprocess_unlabeled(args.d, args.c, args.p, nproc)
-    except UnlabeledDataError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
+    outputs = preprocess_unlabeled(args.d, args.c, args.p, nproc)  # UnlabeledDataError: bad input, exit 2
     for configuration, folder in outputs.items():
         print(f"{configuration}: unlabeled data ready in {folder}")
     return 0

@@ -32,13 +32,14 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
+from nnunetv2_diffcl.errors import UserInputError
 from nnunetv2_diffcl.file_io import write_json_atomic
 
 MANIFEST_VERSION = 1
 UNLABELED_RAW_FOLDER = "imagesTu"
 
 
-class UnlabeledDataError(RuntimeError):
+class UnlabeledDataError(UserInputError):
     """Bad or missing unlabeled data; the message names the file or case and the fix."""
 
 
@@ -220,7 +221,9 @@ def preprocess_unlabeled(dataset_name_or_id: int | str, configurations: Sequence
     cases = find_unlabeled_cases(raw_folder, dataset_json)
     if isinstance(num_processes, int) or num_processes is None:
         num_processes = [default_num_processes if num_processes is None else num_processes] * len(configurations)
-    assert len(num_processes) == len(configurations), "give one -np value, or one per configuration"
+    if len(num_processes) != len(configurations):
+        raise UnlabeledDataError(f"-np {' '.join(map(str, num_processes))}: give one value, or one per configuration "
+                                 f"({len(configurations)}: {' '.join(configurations)})")
 
     outputs = {}
     for configuration_name, nproc in zip(configurations, num_processes):

@@ -24,7 +24,9 @@ UNLABELED_KEY = "unlabeled"
 def data_loader_of(augmenter: Any) -> nnUNetDataLoader:
     """The nnUNetDataLoader behind one of batchgenerators' augmenters."""
     loader = getattr(augmenter, "generator", None) or getattr(augmenter, "data_loader", None)
-    assert isinstance(loader, nnUNetDataLoader), f"expected an nnUNetDataLoader behind {type(augmenter).__name__}"
+    if not isinstance(loader, nnUNetDataLoader):
+        raise TypeError(f"expected an nnUNetDataLoader behind {type(augmenter).__name__}, found "
+                        f"{type(loader).__name__}")
     return loader
 
 

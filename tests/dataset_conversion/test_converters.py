@@ -30,7 +30,10 @@ def _args(module: ModuleType, *argv: str) -> argparse.Namespace:
 
 
 def _run(module: ModuleType, *argv: str | Path) -> int:
-    return module.run(_args(module, *[str(a) for a in argv]))
+    """The converter's command as a user runs it (``nnUNetv2_diffcl convert_<name>``): its exit code."""
+    from nnunetv2_diffcl.cli import main
+
+    return main([f"convert_{module.__name__.rsplit('.', 1)[1]}", *[str(a) for a in argv]])
 
 
 def _label_xyz(value: int = 1) -> np.ndarray:
@@ -113,7 +116,7 @@ def test_la_h5_release(tmp_path: Path) -> None:
     # same seed -> same choice; 'first' takes the list's head; an existing dataset needs --overwrite
     assert _run(la, folder, "-d", "12", "--labeled", "3", "--seed", "5", "-o", raw) == 0
     assert json.loads((raw / "Dataset012_LA" / "split.json").read_text())["labeled"] == split["labeled"]
-    assert _run(la, folder, "-d", "11", "--labeled", "2", "-o", raw) == 1
+    assert _run(la, folder, "-d", "11", "--labeled", "2", "-o", raw) == 2
     assert _run(la, folder, "-d", "11", "--labeled", "2", "--labeled-selection", "first", "-o", raw,
                 "--overwrite") == 0
     assert json.loads((dataset / "split.json").read_text())["labeled"] == train[:2]
@@ -136,7 +139,7 @@ def test_la_challenge_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     names = [f"C{i}" for i in range(6)]
     folder = _la_challenge(tmp_path / "Training Set", names)
     raw = tmp_path / "raw"
-    assert _run(la, folder, "-d", "3", "--labeled", "2", "-o", raw) == 1
+    assert _run(la, folder, "-d", "3", "--labeled", "2", "-o", raw) == 2
     assert "train.list" in capsys.readouterr().err
 
     split_file = tmp_path / "split.json"
@@ -155,7 +158,7 @@ def test_la_challenge_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     _write_list(tmp_path / "tr.list", names[:3] + ["NOPE"])
     _write_list(tmp_path / "ts.list", names[4:])
     assert _run(la, folder, "-d", "4", "--labeled", "1", "-o", raw, "--train-list", tmp_path / "tr.list",
-                "--test-list", tmp_path / "ts.list") == 1
+                "--test-list", tmp_path / "ts.list") == 2
     assert "NOPE" in capsys.readouterr().err
 
 
@@ -165,7 +168,7 @@ def test_wrong_folder_says_what_was_expected(tmp_path: Path, capsys: pytest.Capt
     expectations = {la: ["mri_norm2.h5", "lgemri.nrrd"], pancreas: ["PANCREAS_XXXX", "labelXXXX", ".h5"],
                     brats: ["_flair.nii.gz", ".h5"]}
     for module, words in expectations.items():
-        assert _run(module, tmp_path / "empty", "-d", "1", "--labeled", "1", "-o", tmp_path / "raw") == 1
+        assert _run(module, tmp_path / "empty", "-d", "1", "--labeled", "1", "-o", tmp_path / "raw") == 2
         err = capsys.readouterr().err
         assert str(tmp_path / "empty") in err and all(w in err for w in words), err
     assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").iterdir())
@@ -175,7 +178,7 @@ def test_raw_root_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                    capsys: pytest.CaptureFixture[str]) -> None:
     folder, _, _ = _la_h5_release(tmp_path, n_train=3, n_test=1)
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    assert _run(la, folder, "-d", "7", "--labeled", "1") == 1
+    assert _run(la, folder, "-d", "7", "--labeled", "1") == 2
     assert "nnUNet_raw" in capsys.readouterr().err
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "envraw"))
     assert _run(la, folder, "-d", "7", "--labeled", "1") == 0
@@ -341,7 +344,7 @@ def test_h5_without_label_dataset_is_named(tmp_path: Path, capsys: pytest.Captur
     folder, train, _ = _la_h5_release(tmp_path, n_train=2, n_test=1)
     with h5py.File(folder / train[0] / "mri_norm2.h5", "a") as f:
         del f["label"]
-    assert _run(la, folder, "-d", "8", "--labeled", "2", "-o", tmp_path / "raw") == 1
+    assert _run(la, folder, "-d", "8", "--labeled", "2", "-o", tmp_path / "raw") == 2
     err = capsys.readouterr().err
     assert "mri_norm2.h5" in err and train[0] in err and "'label'" in err
     assert not (tmp_path / "raw" / "Dataset008_LA").exists()

@@ -127,6 +127,8 @@ def test_nothing_evaluable_raises_with_names(tmp_path: Path, capsys: pytest.Capt
     _write(ref / "only.nii.gz", _label())
     with pytest.raises(EvaluationError, match="only.nii.gz"):
         evaluate_folders(ref, pred)
-    assert run(_args("-ref", str(ref), "-pred", str(pred), "-o", str(tmp_path / "s.json"))) == 2
-    assert "only.nii.gz" in capsys.readouterr().err
+    from nnunetv2_diffcl.cli import main
+
+    assert main(["evaluate", "-ref", str(ref), "-pred", str(pred), "-o", str(tmp_path / "s.json")]) == 2
+    assert "nnUNetv2_diffcl evaluate: error:" in capsys.readouterr().err
     assert json.loads((tmp_path / "s.json").read_text())["errors"][0]["kind"] == "missing_prediction"

@@ -206,7 +206,8 @@ def test_before_planning_says_which_command_to_run(tmp_path, in_process_env):
     with pytest.raises(UnlabeledDataError, match=r"Run `nnUNetv2_plan_and_preprocess -d 992 -c 3d_fullres` first"):
         preprocess_unlabeled(992, num_processes=1, progress=lambda m: None)
     result = run_command([command("nnUNetv2_diffcl"), "preprocess_unlabeled", "-d", "992"], dataset.env, check=False)
-    assert result.returncode == 1 and "nnUNetv2_plan_and_preprocess -d 992" in result.stderr
+    assert result.returncode == 2 and "nnUNetv2_plan_and_preprocess -d 992" in result.stderr
+    assert "nnUNetv2_diffcl preprocess_unlabeled: error:" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_find_unlabeled_cases_groups_channels(tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_diffcl.dataset_conversion.raw_layout import RawDatasetWriter
+from nnunetv2_diffcl.errors import UserInputError
 
 # One case: (image, label or None). Labels are binarised by the converter before they get here.
 CaseData = tuple[sitk.Image, sitk.Image | None]
@@ -29,8 +30,8 @@ VALIDATION_PLACEMENTS = ("skip", "unlabeled", "test")
 GEOMETRY_TOLERANCE = 1e-3
 
 
-class ConverterError(RuntimeError):
-    """A problem with the input the user has to fix; ``run`` prints it and exits non-zero."""
+class ConverterError(UserInputError):
+    """A problem with the input the user has to fix; ``nnUNetv2_diffcl`` prints it and exits with 2."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, default_seed: int = 0) -> None:
@@ -289,12 +290,11 @@ def write_dataset(args: argparse.Namespace, plan: SplitPlan, load: Callable[[str
 
 
 def run_converter(convert: Callable[[argparse.Namespace], Path], args: argparse.Namespace) -> int:
-    """Run a converter for the CLI: problems with the input become a message and exit code 1."""
+    """Run a converter for the CLI; problems with the input raise a UserInputError (exit code 2)."""
     try:
         folder = convert(args)
-    except (ConverterError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except FileExistsError as exc:
+        raise ConverterError(str(exc)) from None
     split = json.loads((folder / "split.json").read_text())
     print(f"wrote {folder}: {len(split['labeled'])} labeled, {len(split['unlabeled'])} unlabeled, "
           f"{len(split['test'])} test case(s)")
