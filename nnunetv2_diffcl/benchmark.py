@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from nnunetv2_diffcl.errors import UserInputError, error_line
 
@@ -44,21 +46,105 @@ class Workflow:
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
+        self.poll_seconds = 2.0
 
     def say(self, message: str) -> None:
         elapsed = int(time.time() - self.start)
         print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {message}", flush=True)
 
-    def run(self, name: str, args: list[str], env: dict | None = None) -> float:
+    def run(self, name: str, args: list[str], env: dict | None = None, epochs: int | None = None) -> float:
+        """Run one step, its output in ``logs/<name>.log``; a training step (``epochs`` given, None when the
+        trainer's own schedule is unknown here: pass 0) shows its progress on the terminal while it runs."""
         self.say(f"{name}: {' '.join(Path(args[0]).name if i == 0 else a for i, a in enumerate(args))}")
         started = time.time()
         log = self.logs / f"{name}.log"
+        progress = TrainingProgress(log, epochs or None, sys.stdout) if epochs is not None else None
         with open(log, "w") as f:
-            result = subprocess.run(args, env=env or self.env, stdout=f, stderr=subprocess.STDOUT)
-        if result.returncode != 0:
+            process = subprocess.Popen(args, env=env or self.env, stdout=f, stderr=subprocess.STDOUT)
+            while process.poll() is None:
+                time.sleep(self.poll_seconds)
+                if progress is not None:
+                    progress.update()
+        if progress is not None:
+            progress.update(final=True)
+        if process.returncode != 0:
             tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
-            raise RuntimeError(f"step '{name}' failed (exit {result.returncode}); last lines of {log}:\n{tail}")
+            raise RuntimeError(f"step '{name}' failed (exit {process.returncode}); last lines of {log}:\n{tail}")
         return time.time() - started
+
+
+class TrainingProgress:
+    """Epoch n of N, the latest training loss and the time left, read from nnU-Net's training output as it is
+    written. On a terminal one line is redrawn with a bar; otherwise a line is printed at most every
+    ``interval`` seconds (a log file stays short)."""
+
+    EPOCH = re.compile(r": Epoch (\d+)\s*$")
+    LOSS = re.compile(r": train_loss (-?\d+(?:\.\d+)?(?:e-?\d+)?)")
+    EPOCH_TIME = re.compile(r": Epoch time: (\d+(?:\.\d+)?) s")
+
+    def __init__(self, log: Path, total_epochs: int | None, stream: TextIO, interval: float = 60.0) -> None:
+        self.log, self.total, self.stream, self.interval = log, total_epochs, stream, interval
+        self.offset = 0
+        self.epoch: int | None = None
+        self.done = 0
+        self.loss: float | None = None
+        self.epoch_seconds: list[float] = []
+        self.last_print = time.time()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.shown = ""
+
+    def read(self) -> None:
+        """Parse what nnU-Net wrote since the last call (whole lines only)."""
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as f:
+                f.seek(self.offset)
+                text = f.read()
+        except FileNotFoundError:
+            return
+        complete = text[: text.rfind("\n") + 1]
+        self.offset += len(complete.encode("utf-8"))
+        for line in complete.splitlines():
+            if m := self.EPOCH.search(line):
+                self.epoch = int(m.group(1))
+            elif m := self.LOSS.search(line):
+                self.loss = float(m.group(1))
+            elif m := self.EPOCH_TIME.search(line):
+                self.epoch_seconds.append(float(m.group(1)))
+                self.done = (self.epoch if self.epoch is not None else self.done) + 1
+
+    def line(self) -> str:
+        """``epoch 12/40 [#######.............] loss -0.4123, ~5 min left`` (parts unknown yet are left out)."""
+        if not self.epoch_seconds:
+            return ""
+        parts = [f"epoch {self.done}" + (f"/{self.total}" if self.total else "")]
+        if self.total:
+            filled = round(20 * min(self.done / self.total, 1.0))
+            parts[0] += f" [{'#' * filled}{'.' * (20 - filled)}]"
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.total and self.done < self.total:
+            recent = self.epoch_seconds[-10:]
+            left = sum(recent) / len(recent) * (self.total - self.done)
+            parts.append(f"~{left / 60:.0f} min left" if left >= 90 else f"~{left:.0f} s left")
+        return "    " + ", ".join(parts)
+
+    def update(self, final: bool = False) -> None:
+        self.read()
+        text = self.line()
+        if not text or text == self.shown:
+            if final and self.tty and self.shown:
+                self.stream.write("\n")
+                self.stream.flush()
+            return
+        if self.tty:
+            self.stream.write("\r" + text.ljust(len(self.shown)) + ("\n" if final else ""))
+        elif final or time.time() - self.last_print >= self.interval:
+            self.stream.write(text + "\n")
+            self.last_print = time.time()
+        else:
+            return
+        self.shown = text
+        self.stream.flush()
 
 
 def tool(name: str) -> str:
@@ -291,7 +377,8 @@ def run_trainers(flow: Workflow, dataset_name: str, trainers: list[str], configu
                 write_json_atomic({"schedule": schedule, "train_seconds": None}, fold_dir / RUN_RECORD)
             seconds = flow.run(f"train_{trainer}{step_suffix}", [
                 tool("nnUNetv2_train"), dataset_name, configuration, "all", "-tr", trainer, "-device", device,
-                *(["--c"] if state == "unfinished" else [])], training_env)
+                *(["--c"] if state == "unfinished" else [])], training_env,
+                epochs=int(training_env.get("nnUNet_diffcl_epochs", 0)))
             # a resumed run's wall time leaves out the interrupted part: not a training time to compare
             write_json_atomic({"schedule": schedule, "train_seconds": seconds if state == "new" else None,
                                "resumed": state == "unfinished"}, fold_dir / RUN_RECORD)
