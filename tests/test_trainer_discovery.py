@@ -114,3 +114,9 @@ def test_plain_install_registers_on_startup(wheel, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"VAR {target / 'nnunetv2_diffcl' / 'ext_trainers'}" in result.stdout
     assert f"PKG {target / 'nnunetv2_diffcl' / '__init__.py'}" in result.stdout
+
+
+@pytest.mark.parametrize("cls", PLUGIN_TRAINERS, ids=lambda c: c.__name__)
+def test_every_trainer_says_what_it_is(cls):
+    # a class docstring is not inherited: each trainer (and variant) must carry its own
+    assert cls.__dict__.get("__doc__") and len(cls.__doc__.split()) >= 5, cls.__name__

@@ -32,7 +32,8 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
 
 
 class CPSTrainer(SemiSupervisedTrainer):
-    """Two planned networks teaching each other; the dynamics attributes of SemiSupervisedTrainer apply."""
+    """Two planned networks teaching each other (Chen et al., 2021). Variants change SemiSupervisedTrainer's
+    attributes: the dynamics (warm-up, ramp, threshold, perturbation, EMA teachers) and ``unlabeled_batch_ratio``."""
 
     loss_terms = ("sup_a", "sup_b", "pseudo_a", "pseudo_b")
     primary_name = "a"

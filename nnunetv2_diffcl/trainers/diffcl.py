@@ -3,8 +3,9 @@
 Networks
 - CS (``self.network``): nnU-Net's planned network with HF-Mamba at the bottleneck (HFMambaTrainer's
   builder, so ``nnUNetv2_predict`` loads it from ``network_weights`` with nothing extra);
-- DS (auxiliary ``"ds"``): a time-conditioned denoiser with the planned topology that predicts the
-  clean label (K logits) from the image and a noisy one-hot label;
+- DS (auxiliary ``"ds"``, wrapped with its noise schedule and DDIM sampler in a ``DiffusionBranch``): a
+  time-conditioned denoiser with the planned topology at ``ds_width_fraction`` of its features, which predicts
+  the clean label (K logits) from the image and a noisy one-hot label;
 - a projection head on CS's highest-resolution decoder features (auxiliary ``"projection_head"``) and
   a per-class FIFO memory bank of embeddings (auxiliary ``"memory_bank"``, saved, not trained).
 
@@ -20,6 +21,7 @@ same loss with masked voxels left out (nnU-Net's ignore-label mechanism):
     ds_sup      = L(DS(x_l, q(y_l, t), t), y_l)                       t ~ U{0..T-1}
     cs_pseudo   = L~(CS(x_s), y_s)
     ds_pseudo   = L~(DS(x_u, q(cs_label, t'), t'), cs_label masked where the teacher is unsure)
+                                                                      (0 with ds_on_unlabeled = False)
     contrast    = InfoNCE(embeddings of x_s where DS and the teacher agree, labelled by ds_label,
                           against the bank of correctly predicted labeled embeddings)
     total       = cs_sup + ds_sup + w(t) * (mu1 * ds_pseudo + mu2 * (cs_pseudo + eta * contrast))
@@ -83,9 +85,10 @@ def _step_counts(text: str) -> tuple[int, ...]:
 class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     """Diff-CL: CS (planned network + HF-Mamba) and DS (label denoiser) teach each other on unlabeled data.
 
-    Variants change: ``hf_mamba_stages`` (HF-Mamba), ``use_contrastive`` and the bank's sizes, ``ddim_steps``,
-    ``ds_signal_scale``, ``ds_label_agreement``, and SemiSupervisedTrainer's dynamics attributes
-    (warm-up, ramp, threshold, perturbation, EMA teacher).
+    Variants change: ``hf_mamba_stages`` (HF-Mamba), ``use_contrastive`` and the bank's sizes; DS's
+    ``ddim_steps``, ``ds_width_fraction``, ``ds_on_unlabeled``, ``ds_signal_scale``, ``ds_label_agreement`` and
+    ``ds_trust_measured``; the step's cost (``head_on_sampled_voxels``, ``unlabeled_batch_ratio``); and
+    SemiSupervisedTrainer's dynamics attributes (warm-up, ramp, threshold, perturbation, EMA teacher).
     """
 
     loss_terms = ("cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "contrast_excess", "ds_cs_dice",
@@ -422,22 +425,32 @@ class DiffCLTrainer_halfUnlabeled(DiffCLTrainer):
 
 
 class DiffCLTrainer_DDIM1(DiffCLTrainer):
+    """DS's pseudo-labels from 1 DDIM step (``ddim_steps``; the default is 2)."""
+
     ddim_steps = 1
 
 
 class DiffCLTrainer_DDIM3(DiffCLTrainer):
+    """DS's pseudo-labels from 3 DDIM steps (``ddim_steps``; the default is 2)."""
+
     ddim_steps = 3
 
 
 class DiffCLTrainer_DDIM5(DiffCLTrainer):
+    """DS's pseudo-labels from 5 DDIM steps (``ddim_steps``; the default is 2)."""
+
     ddim_steps = 5
 
 
 class DiffCLTrainer_DDIM10(DiffCLTrainer):
+    """DS's pseudo-labels from 10 DDIM steps (``ddim_steps``; the default is 2)."""
+
     ddim_steps = 10
 
 
 class DiffCLTrainer_DDIM20(DiffCLTrainer):
+    """DS's pseudo-labels from 20 DDIM steps (``ddim_steps``; the default is 2)."""
+
     ddim_steps = 20
 
 
