@@ -69,8 +69,14 @@ def trainer_class(name: str) -> type:
     return recursive_find_trainer_class_by_name(name)
 
 
+WARMUP = "@warmup"  # a trainer name with this suffix is measured in its supervised warm-up (weight 0)
+
+
 def make_trainer(name: str, dataset: str, configuration: str, device: torch.device):
-    """The trainer, initialised, with its semi-supervised weight past the warm-up and ramp (weight 1)."""
+    """The trainer, initialised, with its semi-supervised weight past the warm-up and ramp (weight 1), or in the
+    warm-up for a name ending in ``@warmup``."""
+    warmup = name.endswith(WARMUP)
+    name = name.removesuffix(WARMUP)
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     base = Path(os.environ["nnUNet_preprocessed"]) / maybe_convert_to_dataset_name(dataset)
@@ -79,7 +85,7 @@ def make_trainer(name: str, dataset: str, configuration: str, device: torch.devi
     trainer = trainer_class(name)(plans, configuration, "all", json.loads((base / "dataset.json").read_text()),
                                   device)
     trainer.initialize()
-    if hasattr(trainer, "ssl_step"):
+    if hasattr(trainer, "ssl_step") and not warmup:
         total = trainer.num_epochs * trainer.num_iterations_per_epoch
         trainer.ssl_step = int(total * (trainer.unsupervised_warmup_fraction + trainer.unsupervised_rampup_fraction))
         trainer.ssl_step += 1  # not a diagnostics step: those are measured apart
@@ -307,9 +313,11 @@ def main() -> None:
     parser.add_argument("-c", default="3d_fullres", help="configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "CPSTrainer", "DiffCLTrainer",
-                                                                 "DiffCLTrainer_uncut", *SETTINGS],
-                        help=f"trainer class names or DiffCL settings ({', '.join(SETTINGS)}); the first is the "
-                             "reference of the ratios")
+                                                                 "DiffCLTrainer_uncut", f"DiffCLTrainer{WARMUP}",
+                                                                 f"CPSTrainer{WARMUP}", *SETTINGS],
+                        help=f"trainer class names or DiffCL settings ({', '.join(SETTINGS)}), each measured after "
+                             f"the warm-up, or in it with the suffix {WARMUP}; the first is the reference of the "
+                             "ratios")
     parser.add_argument("--breakdown", nargs="*", default=["DiffCLTrainer_uncut", "DiffCLTrainer"],
                         help="trainers whose step is broken down")
     parser.add_argument("--dice-steps", type=int, nargs="+", default=[1, 2, 3, 5, 10, 20])

@@ -2,6 +2,7 @@
 
 from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer,
+    CPSTrainer_250epochs,
     CPSTrainer_noConfidenceMask,
     CPSTrainer_noEMA,
     CPSTrainer_noPerturbation,
@@ -10,6 +11,8 @@ from nnunetv2_diffcl.trainers.cps import (
 )
 from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer,
+    DiffCLTrainer_100epochs,
+    DiffCLTrainer_250epochs,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
@@ -42,7 +45,10 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_noPerturbation,
     CPSTrainer_noEMA,
     CPSTrainer_original,
+    CPSTrainer_250epochs,
     DiffCLTrainer,
+    DiffCLTrainer_250epochs,
+    DiffCLTrainer_100epochs,
     DiffCLTrainer_noHFMamba,
     DiffCLTrainer_noContrastive,
     DiffCLTrainer_noDiffusion,

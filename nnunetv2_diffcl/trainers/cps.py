@@ -99,3 +99,9 @@ class CPSTrainer_noEMA(NoEMA, CPSTrainer):
 
 class CPSTrainer_original(OriginalDynamics, CPSTrainer):
     """CPS as first built here (OriginalDynamics): each network's own argmax on the same patch."""
+
+
+class CPSTrainer_250epochs(CPSTrainer):
+    """CPSTrainer for 250 epochs instead of nnU-Net's 1000 (``schedule_epochs``), as nnUNetTrainer_250epochs."""
+
+    schedule_epochs = 250

@@ -424,6 +424,18 @@ class DiffCLTrainer_halfUnlabeled(DiffCLTrainer):
     unlabeled_batch_ratio = 0.5
 
 
+class DiffCLTrainer_250epochs(DiffCLTrainer):
+    """DiffCLTrainer for 250 epochs instead of nnU-Net's 1000 (``schedule_epochs``), as nnUNetTrainer_250epochs."""
+
+    schedule_epochs = 250
+
+
+class DiffCLTrainer_100epochs(DiffCLTrainer):
+    """DiffCLTrainer for 100 epochs instead of nnU-Net's 1000 (``schedule_epochs``), as nnUNetTrainer_100epochs."""
+
+    schedule_epochs = 100
+
+
 class DiffCLTrainer_DDIM1(DiffCLTrainer):
     """DS's pseudo-labels from 1 DDIM step (``ddim_steps``; the default is 2)."""
 

@@ -33,11 +33,19 @@ def override_from_environment(trainer: Any, variable: str, attribute: str, cast:
 
 class ScheduleFromEnvironment(nnUNetTrainer):
     """nnUNetTrainer whose epochs, iterations per epoch and validation iterations follow the
-    ``nnUNet_diffcl_*`` schedule variables when they are set."""
+    ``nnUNet_diffcl_*`` schedule variables when they are set.
+
+    ``schedule_epochs`` replaces nnU-Net's 1000 epochs in a variant (``DiffCLTrainer_250epochs``, as nnU-Net's
+    ``nnUNetTrainer_250epochs``); the variables still win over it for one run.
+    """
+
+    schedule_epochs: int | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.schedule_epochs is not None:
+            self.num_epochs = self.schedule_epochs
         for variable, attribute in SCHEDULE_VARIABLES.items():
             if override_from_environment(self, variable, attribute, int, "a whole number") and \
                     getattr(self, attribute) <= 0:

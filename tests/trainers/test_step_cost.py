@@ -127,3 +127,15 @@ def test_a_checkpoint_of_another_ds_width_is_refused_with_the_fix(dataset_copy, 
     with pytest.raises(RuntimeError, match="width fraction 0.5.*resume with a trainer of DS width 0.5"):
         wide.load_checkpoint(path)
     make_trainer(dataset_copy, DiffCLTrainer_tiny).load_checkpoint(path)  # the same width loads
+
+
+def test_schedule_variants_shorten_nnunets_epochs_and_the_variables_still_win(dataset_copy, in_process_env,
+                                                                             monkeypatch):
+    in_process_env(dataset_copy)
+    monkeypatch.delenv("nnUNet_diffcl_epochs")
+    assert unbuilt(dataset_copy, diffcl.DiffCLTrainer_250epochs).num_epochs == 250
+    assert unbuilt(dataset_copy, diffcl.DiffCLTrainer_100epochs).num_epochs == 100
+    assert unbuilt(dataset_copy, cps.CPSTrainer_250epochs).num_epochs == 250
+    assert unbuilt(dataset_copy, diffcl.DiffCLTrainer).num_epochs == 1000  # nnU-Net's
+    monkeypatch.setenv("nnUNet_diffcl_epochs", "3")
+    assert unbuilt(dataset_copy, diffcl.DiffCLTrainer_250epochs).num_epochs == 3
