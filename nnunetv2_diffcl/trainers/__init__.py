@@ -8,6 +8,7 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer_noPerturbation,
     CPSTrainer_noWarmup,
     CPSTrainer_original,
+    CPSTrainer_strongIntensity,
 )
 from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer,
@@ -31,6 +32,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_noPerturbation,
     DiffCLTrainer_noWarmup,
     DiffCLTrainer_original,
+    DiffCLTrainer_strongIntensity,
     DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
@@ -45,6 +47,7 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_noPerturbation,
     CPSTrainer_noEMA,
     CPSTrainer_original,
+    CPSTrainer_strongIntensity,
     CPSTrainer_250epochs,
     DiffCLTrainer,
     DiffCLTrainer_250epochs,
@@ -68,6 +71,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_uncut,
     DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_halfUnlabeled,
+    DiffCLTrainer_strongIntensity,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

@@ -55,7 +55,7 @@ class CPSTrainer(SemiSupervisedTrainer):
             zero = torch.zeros((), device=data.device)
             return terms["sup_a"] + terms["sup_b"], {**terms, "pseudo_a": zero, "pseudo_b": zero}
         n = data.shape[0]
-        if self.student_perturbation == "none" and not self.ema_teacher and self.pseudo_label_threshold is None:
+        if self.student_sees_teacher_input and not self.ema_teacher and self.pseudo_label_threshold is None:
             # the original CPS: one pass per network, each one's unlabeled output teaches the other
             labeled_a, unlabeled_a = split_batch(self.network(torch.cat([data, data_u])), n)
             labeled_b, unlabeled_b = split_batch(network_b(torch.cat([data, data_u])), n)
@@ -99,6 +99,12 @@ class CPSTrainer_noEMA(NoEMA, CPSTrainer):
 
 class CPSTrainer_original(OriginalDynamics, CPSTrainer):
     """CPS as first built here (OriginalDynamics): each network's own argmax on the same patch."""
+
+
+class CPSTrainer_strongIntensity(CPSTrainer):
+    """The student's unlabeled patch also gets a new appearance the teachers do not see (``student_intensity``)."""
+
+    student_intensity = True
 
 
 class CPSTrainer_250epochs(CPSTrainer):

@@ -289,7 +289,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                            **self._labeled_diagnostics(data, target_full, full_resolution(cs_l))}
 
         cs_out = cs_features = None
-        if self.student_perturbation == "none" and not self.ema_teacher:
+        if self.student_sees_teacher_input and not self.ema_teacher:
             # the teacher is CS itself on the same input: the student's forward pass serves both
             cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder,
                                                              torch.cat([data, data_u]))
@@ -422,6 +422,13 @@ class DiffCLTrainer_halfUnlabeled(DiffCLTrainer):
     """Half as many unlabeled as labeled patches per step."""
 
     unlabeled_batch_ratio = 0.5
+
+
+class DiffCLTrainer_strongIntensity(DiffCLTrainer):
+    """CS's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that its teacher
+    and DS do not see (``student_intensity``): CS must keep their labels across scanner-like changes."""
+
+    student_intensity = True
 
 
 class DiffCLTrainer_250epochs(DiffCLTrainer):

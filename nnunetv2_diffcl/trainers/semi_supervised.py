@@ -46,6 +46,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 )
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment, override_from_environment
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
+from nnunetv2_diffcl.unlabeled.perturbations import intensity_perturbation
 from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import (
     UNLABELED_KEY,
@@ -127,6 +128,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     pseudo_label_threshold: float | None = 0.9
     student_perturbation: str = "copy_paste"
     copy_paste_fraction: float = 0.5
+    # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
+    # teacher does not see: a weak/strong split aimed at scanner and protocol shift (unlabeled/perturbations.py)
+    student_intensity: bool = False
     ema_teacher: bool = True
     ema_decay: float = 0.99
     # unlabeled patches per step as a share of nnU-Net's planned (labeled) batch size: the unlabeled batch is
@@ -268,12 +272,21 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
                       pseudo_targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's unlabeled input and its targets: with copy-paste a box of the labeled patch and its
         ground truth go into the unlabeled patch and every pseudo-label, with one box per sample."""
-        if self.student_perturbation == "none":
-            return data_u, pseudo_targets
-        box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
-        # unlabeled sample i receives labeled sample i mod (labeled batch size)
-        source = torch.arange(data_u.shape[0], device=data.device) % data.shape[0]
-        return copy_paste(data_u, data[source], box), [copy_paste(t, target_full[source], box) for t in pseudo_targets]
+        student, targets = data_u, pseudo_targets
+        if self.student_perturbation == "copy_paste":
+            box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
+            # unlabeled sample i receives labeled sample i mod (labeled batch size)
+            source = torch.arange(data_u.shape[0], device=data.device) % data.shape[0]
+            student = copy_paste(data_u, data[source], box)
+            targets = [copy_paste(t, target_full[source], box) for t in pseudo_targets]
+        if self.student_intensity:
+            student = intensity_perturbation(student)
+        return student, targets
+
+    @property
+    def student_sees_teacher_input(self) -> bool:
+        """Whether the student's unlabeled input is the teacher's (no perturbation of either kind)."""
+        return self.student_perturbation == "none" and not self.student_intensity
 
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
@@ -315,14 +328,14 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         super().initialize()
         self.auxiliary = self.build_auxiliary_networks()
         self.logger.local_logger.add_terms([f"grad_norm_{name}" for name, _, _ in self._trained()])
-        if self.pseudo_label_threshold is not None or self.student_perturbation != "none":
+        if self.pseudo_label_threshold is not None or not self.student_sees_teacher_input:
             self.pseudo_loss = self.build_pseudo_loss()
         else:
             self.pseudo_loss = self.loss
         self.print_to_log_file(
             f"Semi-supervised dynamics: warm-up {self.unsupervised_warmup_fraction}, ramp "
             f"{self.unsupervised_rampup_fraction}, pseudo-label threshold {self.pseudo_label_threshold}, student "
-            f"perturbation {self.student_perturbation}, EMA teacher "
+            f"perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, EMA teacher "
             f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
             for aux in self.auxiliary.values():

@@ -139,3 +139,20 @@ def test_schedule_variants_shorten_nnunets_epochs_and_the_variables_still_win(da
     assert unbuilt(dataset_copy, diffcl.DiffCLTrainer).num_epochs == 1000  # nnU-Net's
     monkeypatch.setenv("nnUNet_diffcl_epochs", "3")
     assert unbuilt(dataset_copy, diffcl.DiffCLTrainer_250epochs).num_epochs == 3
+
+
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_strongIntensity, diffcl.DiffCLTrainer_strongIntensity])
+def test_strong_intensity_changes_the_students_patch_not_its_labels(dataset_copy, in_process_env, cls):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    tiny = type("Tiny", (cls,), {"ddim_steps": 2, "student_perturbation": "none"})
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    label = torch.randint(0, 3, data_u[:, :1].shape)
+    student, (target,) = trainer.student_input(data, batch["target"][0], data_u, [label])
+    assert student.shape == data_u.shape and not torch.allclose(student, data_u)
+    assert torch.equal(target, label)  # geometry untouched: the teacher's labels still fit voxel for voxel
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6
+    assert np.isfinite(trainer.train_step(clone(batch))["loss"])

@@ -1,0 +1,68 @@
+"""A strong appearance perturbation of the student's unlabeled input (the "strong" view of a weak/strong split).
+
+The teacher labels the unlabeled patch as nnU-Net's augmentation left it; the student must give the same labels
+after its appearance has changed the way scanners and protocols change it: a gamma curve, contrast and
+brightness, Gaussian noise and blur, drawn per sample. Geometry is untouched, so the teacher's labels stay
+valid voxel for voxel. Dimension-agnostic (2d and 3d patches), on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(low: float, high: float, n: int, generator: torch.Generator | None, device: torch.device
+             ) -> torch.Tensor:
+    draw = torch.rand(n, generator=generator, device=generator.device if generator is not None else device)
+    return (low + (high - low) * draw).to(device)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, *spatial) with one sigma (in voxels) per sample; sigma 0 leaves it."""
+    spatial = x.ndim - 2
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    weights = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None].to(x.dtype).clamp_min(1e-6) ** 2))
+    weights = weights / weights.sum(1, keepdim=True)
+    weights[sigma <= 0] = (offsets == 0).to(x.dtype)
+    batch, channels = x.shape[:2]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    out = x.reshape(1, batch * channels, *x.shape[2:])
+    kernel = weights.repeat_interleave(channels, 0)  # (B*C, taps): one kernel per sample and channel
+    for axis in range(spatial):
+        shape = [batch * channels, 1] + [1] * spatial
+        shape[2 + axis] = kernel.shape[1]
+        padding = [0] * spatial
+        padding[axis] = radius
+        out = conv(out, kernel.reshape(shape), padding=tuple(padding), groups=batch * channels)
+    return out.reshape(x.shape)
+
+
+def intensity_perturbation(x: torch.Tensor, generator: torch.Generator | None = None, gamma: float = 0.7,
+                           contrast: tuple[float, float] = (0.65, 1.5), brightness: float = 0.3,
+                           noise: float = 0.15, blur: tuple[float, float] = (0.0, 1.5)) -> torch.Tensor:
+    """``x`` (B, C, *spatial, z-scored as nnU-Net normalises) with a new appearance per sample:
+
+    - a gamma curve exp(U(-gamma, gamma)) on the sample's own [min, max] range;
+    - contrast around the sample's mean, x U(*contrast); a brightness shift of N(0, brightness) sd;
+    - Gaussian noise of U(0, noise) sd; Gaussian blur of sigma U(*blur) voxels.
+    """
+    n = x.shape[0]
+    device = x.device
+    dims = tuple(range(1, x.ndim))
+    view = (n,) + (1,) * (x.ndim - 1)
+    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    span = (hi - lo).clamp_min(1e-6)
+    g = torch.exp(_uniform(-gamma, gamma, n, generator, device)).reshape(view).to(x.dtype)
+    out = lo + span * ((x - lo) / span).clamp(0, 1) ** g
+    mean, sd = out.mean(dim=dims, keepdim=True), out.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    out = mean + (out - mean) * _uniform(*contrast, n, generator, device).reshape(view).to(x.dtype)
+    shift = torch.randn(n, generator=generator, device=generator.device if generator is not None else device)
+    out = out + (brightness * shift.to(device)).reshape(view).to(x.dtype) * sd
+    out = gaussian_blur(out, _uniform(*blur, n, generator, device))
+    noise_sd = _uniform(0.0, noise, n, generator, device).reshape(view).to(x.dtype) * sd
+    draw_device = generator.device if generator is not None else device
+    return out + noise_sd * torch.randn(x.shape, generator=generator, device=draw_device).to(device, x.dtype)
