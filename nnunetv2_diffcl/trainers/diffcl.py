@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunetv2_diffcl.diffusion_branch import DiffusionBranch
@@ -197,6 +198,9 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                                                     self.enable_deep_supervision, self.device,
                                                     **self.diffusion_settings())
         ds = self._diffusion.denoiser
+        if nnUNetTrainer._do_i_compile(self):  # nnU-Net's own rule: DS has no Mamba layer to keep it from compiling
+            self.print_to_log_file("Using torch.compile for DS...")
+            ds = torch.compile(ds)
         aux = {"ds": AuxiliaryNetwork(ds, *self.optimizer_for(ds))}
         if self.use_contrastive:
             features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"][0]

@@ -156,3 +156,17 @@ def test_strong_intensity_changes_the_students_patch_not_its_labels(dataset_copy
     trainer.on_train_epoch_start()
     trainer.ssl_step = 10 ** 6
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
+
+
+def test_ds_is_compiled_where_nnunet_would_compile(dataset_copy, in_process_env, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    in_process_env(dataset_copy)
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)  # as on a CUDA machine
+    trainer = make_trainer(dataset_copy, DiffCLTrainer_tiny)
+    ds = trainer.auxiliary["ds"].module
+    assert hasattr(ds, "_orig_mod") and trainer.diffusion.denoiser is ds
+    assert not hasattr(trainer.network, "_orig_mod")  # CS keeps HFMambaTrainer's rule: never compiled
+    # the checkpoint holds the plain module's keys, as before
+    assert trainer._bare(ds) is ds._orig_mod
+    assert not any(k.startswith("_orig_mod") for k in trainer._bare(ds).state_dict())
