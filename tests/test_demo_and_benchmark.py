@@ -86,7 +86,7 @@ def test_benchmark_refuses_to_reuse_a_model_trained_with_another_schedule(demo, 
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "HFMambaTrainer",
                            "LabeledOnlyTrainer", *schedule, "-device", "cpu", "-o", str(tmp_path / "bench")],
                           timeout=300, env={**benchmark_env(out), **extra_env})
-    assert result.returncode == 1
+    assert result.returncode == 2 and "nnUNetv2_diffcl benchmark: error:" in result.stderr
     assert "was trained with schedule" in result.stderr and "LabeledOnlyTrainer__nnUNetPlans__3d_fullres" in \
         result.stderr and "--epochs" in result.stderr
     assert "train_HFMambaTrainer" not in result.stdout
@@ -152,7 +152,7 @@ def test_benchmark_does_not_overwrite_an_unfinished_training_it_cannot_resume(de
     result = run_captured([command("nnUNetv2_diffcl"), "benchmark", "-d", "990", "--trainers", "LabeledOnlyTrainer",
                            *DEMO_SCHEDULE, "-device", "cpu", "-o", str(tmp_path / "bench")], timeout=300,
                           env={**benchmark_env(out), "nnUNet_results": str(tmp_path / "results")})
-    assert result.returncode == 1 and message in result.stderr and str(fold) in result.stderr
+    assert result.returncode == 2 and message in result.stderr and str(fold) in result.stderr
     assert "train_LabeledOnlyTrainer" not in result.stdout
     assert (fold / "checkpoint_latest.pth").read_bytes() == before and not (fold / "checkpoint_final.pth").exists()
 
@@ -193,16 +193,12 @@ def test_benchmark_repeats_train_from_scratch_and_report_the_spread(demo, tmp_pa
 @pytest.mark.parametrize("npp, nps", [("0", "1"), ("2", "0"), ("-1", "-1")])
 def test_benchmark_refuses_predict_processes_nnunet_cannot_run(npp, nps, monkeypatch, capsys):
     """nnUNetv2_predict runs in one process only when both are 0; 0 and 1 would fail after every training."""
-    import argparse
-
-    from nnunetv2_diffcl.benchmark import configure_parser, run
+    from nnunetv2_diffcl.cli import main
 
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, "/nonexistent")
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    assert run(parser.parse_args(["-d", "990", "-npp", npp, "-nps", nps])) == 1
-    assert f"-npp {npp} -nps {nps}: give both 0" in capsys.readouterr().err
+    assert main(["benchmark", "-d", "990", "-npp", npp, "-nps", nps]) == 2
+    assert f"nnUNetv2_diffcl benchmark: error: -npp {npp} -nps {nps}: give both 0" in capsys.readouterr().err
 
 
 def test_benchmark_needs_test_labels(demo, tmp_path):
