@@ -156,7 +156,8 @@ def tool(name: str) -> str:
 SCHEDULE_VARIABLES = {"epochs": "nnUNet_diffcl_epochs", "iterations": "nnUNet_diffcl_iterations",
                       "val_iterations": "nnUNet_diffcl_val_iterations"}
 RUN_RECORD = "diffcl_benchmark_run.json"  # beside checkpoint_final.pth: the schedule it was trained with
-NOT_TRAINING_OPTIONS = ("nnUNet_diffcl_scan", "nnUNet_diffcl_no_autoregister")  # same model either way
+# same model either way (the diagnostic DDIM steps only add logged terms)
+NOT_TRAINING_OPTIONS = ("nnUNet_diffcl_scan", "nnUNet_diffcl_no_autoregister", "nnUNet_diffcl_diagnostic_ddim_steps")
 
 
 def schedule_of(env: dict) -> dict:

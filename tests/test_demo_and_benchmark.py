@@ -161,7 +161,8 @@ def test_run_record_holds_what_changes_the_model_and_nothing_else():
     from nnunetv2_diffcl.benchmark import schedule_of
 
     env = {"nnUNet_diffcl_epochs": "2", "nnUNet_diffcl_rampup_fraction": "0.5", "nnUNet_diffcl_scan": "torch",
-           "nnUNet_diffcl_no_autoregister": "1", "nnUNet_raw": "/somewhere"}
+           "nnUNet_diffcl_no_autoregister": "1", "nnUNet_diffcl_diagnostic_ddim_steps": "1,10",
+           "nnUNet_raw": "/somewhere"}
     assert schedule_of(env) == {"epochs": "2", "iterations": None, "val_iterations": None,
                                 "nnUNet_diffcl_rampup_fraction": "0.5"}
 
