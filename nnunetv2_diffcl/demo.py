@@ -172,6 +172,6 @@ def compare_with_baseline(rows: list[dict], steps: int) -> str:
 
 # the domain-shift benchmark's result as docs/benchmarks.md reports it (measured, with its command there)
 BENCHMARK_SUMMARY = (
-    "  domain-shift benchmark, 2d, 1000 steps, 3 repeats: labeled-only nnU-Net 0.565 +- 0.018, every case labeled\n"
-    "  0.742 +- 0.038; single runs so far: CPSTrainer 0.558 (1000 steps), DiffCLTrainer 0.500 against labeled-only\n"
-    "  0.533 (500 steps). No semi-supervised gain is shown yet (docs/benchmarks.md, 'The domain-shift benchmark').")
+    "  domain-shift benchmark, 2d, 2000 steps: labeled-only nnU-Net 0.580 +- 0.014, every case labeled\n"
+    "  0.800 +- 0.009 (3 repeats); DiffCLTrainer 0.580 and 0.540 against labeled-only's 0.585 and 0.592 in the\n"
+    "  same repeats. No semi-supervised gain is shown yet (docs/benchmarks.md, 'The domain-shift benchmark').")
