@@ -173,5 +173,5 @@ def compare_with_baseline(rows: list[dict], steps: int) -> str:
 # the domain-shift benchmark's result as docs/benchmarks.md reports it (measured, with its command there)
 BENCHMARK_SUMMARY = (
     "  domain-shift benchmark, 2d, 2000 steps: labeled-only nnU-Net 0.580 +- 0.014, every case labeled\n"
-    "  0.800 +- 0.009 (3 repeats); DiffCLTrainer 0.580 and 0.540 against labeled-only's 0.585 and 0.592 in the\n"
-    "  same repeats. No semi-supervised gain is shown yet (docs/benchmarks.md, 'The domain-shift benchmark').")
+    "  0.800 +- 0.009; DiffCLTrainer 0.550 +- 0.027 (3 repeats each). No semi-supervised gain is shown yet\n"
+    "  (docs/benchmarks.md, 'The domain-shift benchmark').")
