@@ -201,9 +201,9 @@ def step_breakdown(device: torch.device, dataset: str, configuration: str, name:
         data_u), "CS forward + backward": cs, "DS forward + backward": ds}
     if trainer.use_contrastive:
         parts["projection head + contrastive loss"] = cs_with_head
-    parts["whole step"] = lambda: trainer.train_step(batch_for_step)
     batch_for_step = {**batch, UNLABELED_KEY: {**batch[UNLABELED_KEY], "data": batch[UNLABELED_KEY]["data"][
         : trainer.unlabeled_batch_size]}}
+    parts["whole step"] = lambda: trainer.train_step(batch_for_step)
     times: dict[str, list[float]] = {k: [] for k in parts}
     for fn in parts.values():
         fn()

@@ -41,13 +41,11 @@ class DiffusionBranch:
 
     def __init__(self, denoiser: nn.Module, num_classes: int, timesteps: int = 1000, schedule: str = "linear",
                  ddim_steps: int = 10, signal_scale: float = 1.0, device: torch.device | str = "cpu") -> None:
-        if not signal_scale > 0:
-            raise ValueError(f"signal_scale must be > 0, got {signal_scale}")
         self.denoiser = denoiser
         self.num_classes = int(num_classes)
-        self.signal_scale = float(signal_scale)
         self.schedule = NoiseSchedule(timesteps, schedule).to(device)
-        self.sampler = DDIMSampler(self.schedule, ddim_steps, signal_scale=self.signal_scale)
+        self.sampler = DDIMSampler(self.schedule, ddim_steps, signal_scale=signal_scale)  # checks the scale
+        self.signal_scale = self.sampler.signal_scale
         self._other_samplers: dict[int, DDIMSampler] = {}
 
     @classmethod
@@ -96,6 +94,7 @@ class DiffusionBranch:
         denoiser = self.denoiser
         return sampler.sample(lambda img, x_t, t: denoiser(img, x_t, t), images, self.num_classes, generator)
 
-    def sample_label(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A sampled hard label (B, 1, ...) for ``images`` (no gradient)."""
-        return hard_pseudo_label(self.sample_logits(images, generator), has_regions=False)
+    def sample_label(self, images: Tensor, generator: torch.Generator | None = None, steps: int | None = None
+                     ) -> Tensor:
+        """A sampled hard label (B, 1, ...) for ``images`` (no gradient), as ``sample_logits``."""
+        return hard_pseudo_label(self.sample_logits(images, generator, steps), has_regions=False)

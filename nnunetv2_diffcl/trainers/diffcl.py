@@ -272,8 +272,8 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                 self.auxiliary["ds_trust"].module.update(class_dice(ds_label_l, target_full, self.num_classes),
                                                          class_dice(cs_label_l, target_full, self.num_classes))
             for s in self.diagnostic_ddim_steps:
-                label = hard_pseudo_label(self.diffusion.sample_logits(data, steps=s), has_regions=False)
-                values[f"ds_dice_l_S{s}"] = foreground_dice(label, target_full, self.num_classes)
+                values[f"ds_dice_l_S{s}"] = foreground_dice(self.diffusion.sample_label(data, steps=s), target_full,
+                                                            self.num_classes)
         return values
 
     # ------------------------------------------------------------------------------------------ one step
