@@ -3,6 +3,7 @@
 from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer,
     CPSTrainer_250epochs,
+    CPSTrainer_fourierPaste,
     CPSTrainer_noConfidenceMask,
     CPSTrainer_noEMA,
     CPSTrainer_noPerturbation,
@@ -21,6 +22,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_DDIM20,
     DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_dsScale01,
+    DiffCLTrainer_fourierPaste,
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_noAgreement,
@@ -48,6 +50,7 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_noEMA,
     CPSTrainer_original,
     CPSTrainer_strongIntensity,
+    CPSTrainer_fourierPaste,
     CPSTrainer_250epochs,
     DiffCLTrainer,
     DiffCLTrainer_250epochs,
@@ -72,6 +75,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_strongIntensity,
+    DiffCLTrainer_fourierPaste,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

@@ -22,6 +22,7 @@ import torch
 from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_targets, split_batch, targets_like
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
+    FourierPaste,
     NoConfidenceMask,
     NoEMA,
     NoPerturbation,
@@ -111,3 +112,7 @@ class CPSTrainer_250epochs(CPSTrainer):
     """CPSTrainer for 250 epochs instead of nnU-Net's 1000 (``schedule_epochs``), as nnUNetTrainer_250epochs."""
 
     schedule_epochs = 250
+
+
+class CPSTrainer_fourierPaste(FourierPaste, CPSTrainer):
+    __doc__ = FourierPaste.__doc__

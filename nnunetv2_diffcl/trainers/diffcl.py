@@ -62,6 +62,7 @@ from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
+    FourierPaste,
     NoConfidenceMask,
     NoEMA,
     NoPerturbation,
@@ -433,6 +434,10 @@ class DiffCLTrainer_strongIntensity(DiffCLTrainer):
     and DS do not see (``student_intensity``): CS must keep their labels across scanner-like changes."""
 
     student_intensity = True
+
+
+class DiffCLTrainer_fourierPaste(FourierPaste, DiffCLTrainer):
+    __doc__ = FourierPaste.__doc__
 
 
 class DiffCLTrainer_250epochs(DiffCLTrainer):

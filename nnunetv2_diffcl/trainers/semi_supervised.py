@@ -46,7 +46,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 )
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment, override_from_environment
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
-from nnunetv2_diffcl.unlabeled.perturbations import intensity_perturbation
+from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix, intensity_perturbation, uniform_weights
 from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import (
     UNLABELED_KEY,
@@ -61,6 +61,8 @@ WEIGHT_TERM = "unsupervised_weight"
 
 
 PERTURBATIONS = ("none", "copy_paste")
+# how the box pasted from the labeled patch looks: as scanned, or with the unlabeled patch's Fourier amplitude
+PASTED_APPEARANCES = ("labeled", "fourier")
 # the dynamics an nnUNet_diffcl_* variable may override for one run (a number each)
 DYNAMICS_VARIABLES = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
                       "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
@@ -118,6 +120,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
       pseudo-label loss; None keeps every voxel;
     - ``student_perturbation``: ``"copy_paste"`` pastes a box of the labeled patch (with its ground truth)
       into the student's unlabeled patch, the teacher sees the patch as it is; ``"none"`` gives both the same;
+    - ``pasted_appearance``: ``"fourier"`` gives the pasted labeled box the Fourier amplitude of the unlabeled
+      patch it lands in (mixed by a weight drawn from ``fourier_mix_range``, phase kept): ground truth in the
+      unlabeled scans' appearance; ``"labeled"`` pastes it as scanned;
     - ``ema_teacher`` / ``ema_decay``: pseudo-labels come from an exponential moving average of the teaching
       network instead of the network itself.
     """
@@ -128,6 +133,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     pseudo_label_threshold: float | None = 0.9
     student_perturbation: str = "copy_paste"
     copy_paste_fraction: float = 0.5
+    pasted_appearance: str = "labeled"
+    fourier_mix_range: tuple[float, float] = (0.0, 1.0)
     # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
     # teacher does not see: a weak/strong split aimed at scanner and protocol shift (unlabeled/perturbations.py)
     student_intensity: bool = False
@@ -176,6 +183,17 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if self.student_perturbation not in PERTURBATIONS:
             raise ValueError(f"{self.__class__.__name__}: student_perturbation must be one of {PERTURBATIONS}, got "
                              f"{self.student_perturbation!r}")
+        if self.pasted_appearance not in PASTED_APPEARANCES:
+            raise ValueError(f"{self.__class__.__name__}: pasted_appearance must be one of {PASTED_APPEARANCES}, got "
+                             f"{self.pasted_appearance!r}")
+        if self.pasted_appearance != "labeled" and self.student_perturbation != "copy_paste":
+            raise ValueError(f"{self.__class__.__name__}: pasted_appearance = {self.pasted_appearance!r} restyles the "
+                             f"box that copy-paste pastes; it needs student_perturbation = 'copy_paste', got "
+                             f"{self.student_perturbation!r}")
+        low, high = self.fourier_mix_range
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"{self.__class__.__name__}: fourier_mix_range must be (low, high) with 0 <= low <= high "
+                             f"<= 1 (a share of the unlabeled patch's amplitude), got {self.fourier_mix_range}")
         if not 0.0 < self.copy_paste_fraction < 1.0:
             raise ValueError(f"{self.__class__.__name__}: copy_paste_fraction must lie strictly between 0 and 1, "
                              f"got {self.copy_paste_fraction}")
@@ -277,7 +295,11 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
             # unlabeled sample i receives labeled sample i mod (labeled batch size)
             source = torch.arange(data_u.shape[0], device=data.device) % data.shape[0]
-            student = copy_paste(data_u, data[source], box)
+            pasted = data[source]
+            if self.pasted_appearance == "fourier":
+                pasted = amplitude_mix(pasted, data_u, uniform_weights(data_u.shape[0], *self.fourier_mix_range,
+                                                                       data_u.device))
+            student = copy_paste(data_u, pasted, box)
             targets = [copy_paste(t, target_full[source], box) for t in pseudo_targets]
         if self.student_intensity:
             student = intensity_perturbation(student)
@@ -335,7 +357,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         self.print_to_log_file(
             f"Semi-supervised dynamics: warm-up {self.unsupervised_warmup_fraction}, ramp "
             f"{self.unsupervised_rampup_fraction}, pseudo-label threshold {self.pseudo_label_threshold}, student "
-            f"perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, EMA teacher "
+            f"perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, pasted "
+            f"appearance {self.pasted_appearance}, EMA teacher "
             f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
             for aux in self.auxiliary.values():
@@ -505,3 +528,10 @@ class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA):
     """The dynamics as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
 
     unsupervised_rampup_fraction = 0.1
+
+
+class FourierPaste:
+    """The labeled box pasted into the student's unlabeled patch takes that patch's Fourier amplitude (its
+    appearance), so CS learns ground truth as the unlabeled scans' scanners show it (``pasted_appearance``)."""
+
+    pasted_appearance = "fourier"

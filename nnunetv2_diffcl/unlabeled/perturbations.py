@@ -66,3 +66,28 @@ def intensity_perturbation(x: torch.Tensor, generator: torch.Generator | None = 
     noise_sd = _uniform(0.0, noise, n, generator, device).reshape(view).to(x.dtype) * sd
     draw_device = generator.device if generator is not None else device
     return out + noise_sd * torch.randn(x.shape, generator=generator, device=draw_device).to(device, x.dtype)
+
+
+def amplitude_mix(x: torch.Tensor, style: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, *spatial) rendered with the appearance of ``style`` (same shape): the Fourier amplitude of each
+    sample becomes ``(1 - w) |F(x)| + w |F(style)|`` (w = ``weight``, one per sample) while its phase stays.
+
+    The phase carries where the edges are, so x's labels stay valid voxel for voxel; the amplitude carries the
+    intensity level, contrast, smooth bias and the balance of fine and coarse detail (blur, noise): with ``style``
+    an unlabeled scan of another scanner, a labeled patch looks more like that scanner (Fourier domain adaptation,
+    Yang & Soatto 2020; amplitude mixing, Xu et al. 2021). Computed in float32 over the spatial axes.
+    """
+    if x.shape != style.shape:
+        raise ValueError(f"amplitude_mix needs x and style of one shape, got {tuple(x.shape)} and {tuple(style.shape)}")
+    dims = tuple(range(2, x.ndim))
+    spectrum = torch.fft.rfftn(x.float(), dim=dims)
+    amplitude = torch.lerp(spectrum.abs(), torch.fft.rfftn(style.float(), dim=dims).abs(),
+                           weight.float().reshape((-1,) + (1,) * (x.ndim - 1)))
+    mixed = torch.polar(amplitude, spectrum.angle())
+    return torch.fft.irfftn(mixed, s=x.shape[2:], dim=dims).to(x.dtype)
+
+
+def uniform_weights(n: int, low: float, high: float, device: torch.device,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws of U(low, high) on ``device`` (the generator may live on another device)."""
+    return _uniform(low, high, n, generator, device)

@@ -170,3 +170,26 @@ def test_ds_is_compiled_where_nnunet_would_compile(dataset_copy, in_process_env,
     # the checkpoint holds the plain module's keys, as before
     assert trainer._bare(ds) is ds._orig_mod
     assert not any(k.startswith("_orig_mod") for k in trainer._bare(ds).state_dict())
+
+
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_fourierPaste, diffcl.DiffCLTrainer_fourierPaste])
+def test_fourier_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(dataset_copy, in_process_env, cls):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, type("Tiny", (cls,), {"ddim_steps": 2}))
+    batch = fixed_batch(trainer)
+    data, data_u, target_full = batch["data"], batch[UNLABELED_KEY]["data"], batch["target"][0]
+    label = torch.full_like(data_u[:, :1], 7.0)  # a pseudo-label no ground truth holds
+    torch.manual_seed(1)
+    student, (target,) = trainer.student_input(data, target_full, data_u, [label])
+    box = target != 7.0
+    assert box.any() and (~box).any()
+    outside = ~box.expand_as(student)
+    assert torch.equal(student[outside], data_u[outside])  # the unlabeled patch is untouched outside the box
+    source = torch.arange(data_u.shape[0]) % data.shape[0]
+    assert torch.equal(target[box], target_full[source][box].to(target.dtype))  # ground truth inside the box
+    # inside, the pasted labeled voxels are restyled (a plain copy-paste would equal them)
+    assert not torch.allclose(student[box.expand_as(student)], data[source][box.expand_as(student)])
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6
+    assert np.isfinite(trainer.train_step(clone(batch))["loss"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunetv2_diffcl.unlabeled.perturbations import gaussian_blur, intensity_perturbation
+from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix, gaussian_blur, intensity_perturbation
 
 OFF = {"gamma": 0.0, "contrast": (1.0, 1.0), "brightness": 0.0, "noise": 0.0, "blur": (0.0, 0.0)}
 
@@ -52,3 +52,46 @@ def test_each_sample_gets_its_own_appearance():
     assert not torch.allclose(out[0], out[1])
     again = intensity_perturbation(x, torch.Generator().manual_seed(3))
     torch.testing.assert_close(out, again)  # reproducible from the generator
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 10), (2, 2, 6, 8, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_amplitude_mix_at_zero_weight_is_the_identity(shape, dtype):
+    x, style = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    out = amplitude_mix(x, style, torch.zeros(shape[0]))
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 10), (2, 2, 6, 8, 10)])
+def test_amplitude_mix_takes_the_styles_amplitude_and_keeps_the_phase(shape):
+    torch.manual_seed(0)
+    x, style = torch.randn(shape), 3.0 * torch.randn(shape) + 1.0
+    weight = torch.rand(shape[0])
+    out = amplitude_mix(x, style, weight)
+    dims = tuple(range(2, len(shape)))
+    fx, fs, fo = (torch.fft.rfftn(a, dim=dims) for a in (x, style, out))
+    view = (-1,) + (1,) * (len(shape) - 1)
+    expected = (1 - weight.reshape(view)) * fx.abs() + weight.reshape(view) * fs.abs()
+    # both amplitudes are even and x's phase is odd in frequency, so the mixed spectrum is a real signal's and the
+    # inverse transform returns it unchanged
+    torch.testing.assert_close(fo.abs(), expected, atol=1e-3, rtol=1e-3)
+    strong = fx.abs() > 1e-3
+    phase_difference = torch.angle(fo[strong] * fx[strong].conj())
+    assert phase_difference.abs().max() < 1e-3
+
+
+def test_amplitude_mix_of_a_constant_style_keeps_x_but_sets_its_mean():
+    # a constant image's spectrum is its DC term alone: at weight 1 the mean becomes the style's and, with no
+    # amplitude at other frequencies, everything else vanishes; at weight 1/2 the mean is the average of the two
+    x = torch.randn(1, 1, 8, 8) + 2.0
+    style = torch.full((1, 1, 8, 8), -1.0)
+    half = amplitude_mix(x, style, torch.tensor([0.5]))
+    # the DC amplitude mixes |mean| values, the sign (phase) stays x's: 0.5 |m_x| + 0.5 * 1
+    assert float(half.mean()) == pytest.approx(0.5 * float(x.mean()) + 0.5, abs=1e-5)
+    torch.testing.assert_close(half - half.mean(), 0.5 * (x - x.mean()), atol=1e-5, rtol=0)
+
+
+def test_amplitude_mix_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        amplitude_mix(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9), torch.zeros(2))
