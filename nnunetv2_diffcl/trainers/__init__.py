@@ -4,12 +4,14 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer,
     CPSTrainer_250epochs,
     CPSTrainer_fourierPaste,
+    CPSTrainer_histogramPaste,
     CPSTrainer_noConfidenceMask,
     CPSTrainer_noEMA,
     CPSTrainer_noPerturbation,
     CPSTrainer_noWarmup,
     CPSTrainer_original,
     CPSTrainer_strongIntensity,
+    CPSTrainer_styledPaste,
 )
 from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer,
@@ -24,6 +26,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_dsScale01,
     DiffCLTrainer_fourierPaste,
     DiffCLTrainer_halfUnlabeled,
+    DiffCLTrainer_histogramPaste,
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_noAgreement,
     DiffCLTrainer_noConfidenceMask,
@@ -35,6 +38,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_noWarmup,
     DiffCLTrainer_original,
     DiffCLTrainer_strongIntensity,
+    DiffCLTrainer_styledPaste,
     DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
@@ -51,6 +55,8 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_original,
     CPSTrainer_strongIntensity,
     CPSTrainer_fourierPaste,
+    CPSTrainer_histogramPaste,
+    CPSTrainer_styledPaste,
     CPSTrainer_250epochs,
     DiffCLTrainer,
     DiffCLTrainer_250epochs,
@@ -76,6 +82,8 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_strongIntensity,
     DiffCLTrainer_fourierPaste,
+    DiffCLTrainer_histogramPaste,
+    DiffCLTrainer_styledPaste,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

@@ -23,12 +23,14 @@ from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_t
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     FourierPaste,
+    HistogramPaste,
     NoConfidenceMask,
     NoEMA,
     NoPerturbation,
     NoWarmup,
     OriginalDynamics,
     SemiSupervisedTrainer,
+    StyledPaste,
 )
 
 
@@ -116,3 +118,11 @@ class CPSTrainer_250epochs(CPSTrainer):
 
 class CPSTrainer_fourierPaste(FourierPaste, CPSTrainer):
     __doc__ = FourierPaste.__doc__
+
+
+class CPSTrainer_histogramPaste(HistogramPaste, CPSTrainer):
+    __doc__ = HistogramPaste.__doc__
+
+
+class CPSTrainer_styledPaste(StyledPaste, CPSTrainer):
+    __doc__ = StyledPaste.__doc__

@@ -63,12 +63,14 @@ from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     FourierPaste,
+    HistogramPaste,
     NoConfidenceMask,
     NoEMA,
     NoPerturbation,
     NoWarmup,
     OriginalDynamics,
     SemiSupervisedTrainer,
+    StyledPaste,
 )
 
 DIAGNOSTIC_STEPS_VARIABLE = "nnUNet_diffcl_diagnostic_ddim_steps"
@@ -438,6 +440,14 @@ class DiffCLTrainer_strongIntensity(DiffCLTrainer):
 
 class DiffCLTrainer_fourierPaste(FourierPaste, DiffCLTrainer):
     __doc__ = FourierPaste.__doc__
+
+
+class DiffCLTrainer_histogramPaste(HistogramPaste, DiffCLTrainer):
+    __doc__ = HistogramPaste.__doc__
+
+
+class DiffCLTrainer_styledPaste(StyledPaste, DiffCLTrainer):
+    __doc__ = StyledPaste.__doc__
 
 
 class DiffCLTrainer_250epochs(DiffCLTrainer):

@@ -46,7 +46,12 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 )
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment, override_from_environment
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
-from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix, intensity_perturbation, uniform_weights
+from nnunetv2_diffcl.unlabeled.perturbations import (
+    amplitude_mix,
+    histogram_match,
+    intensity_perturbation,
+    uniform_weights,
+)
 from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import (
     UNLABELED_KEY,
@@ -61,8 +66,9 @@ WEIGHT_TERM = "unsupervised_weight"
 
 
 PERTURBATIONS = ("none", "copy_paste")
-# how the box pasted from the labeled patch looks: as scanned, or with the unlabeled patch's Fourier amplitude
-PASTED_APPEARANCES = ("labeled", "fourier")
+# how the box pasted from the labeled patch looks: as scanned, or restyled by the unlabeled patch it lands in
+# (its Fourier amplitude, its intensity histogram, or the amplitude first and then the histogram)
+PASTED_APPEARANCES = ("labeled", "fourier", "histogram", "fourier_histogram")
 # the dynamics an nnUNet_diffcl_* variable may override for one run (a number each)
 DYNAMICS_VARIABLES = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
                       "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
@@ -121,8 +127,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     - ``student_perturbation``: ``"copy_paste"`` pastes a box of the labeled patch (with its ground truth)
       into the student's unlabeled patch, the teacher sees the patch as it is; ``"none"`` gives both the same;
     - ``pasted_appearance``: ``"fourier"`` gives the pasted labeled box the Fourier amplitude of the unlabeled
-      patch it lands in (mixed by a weight drawn from ``fourier_mix_range``, phase kept): ground truth in the
-      unlabeled scans' appearance; ``"labeled"`` pastes it as scanned;
+      patch it lands in (phase kept), ``"histogram"`` its intensity histogram (rank for rank), ``"fourier_histogram"``
+      both, each mixed with the labeled patch by a weight drawn per sample from ``appearance_mix_range``: ground
+      truth in the unlabeled scans' appearance; ``"labeled"`` pastes it as scanned;
     - ``ema_teacher`` / ``ema_decay``: pseudo-labels come from an exponential moving average of the teaching
       network instead of the network itself.
     """
@@ -134,7 +141,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     student_perturbation: str = "copy_paste"
     copy_paste_fraction: float = 0.5
     pasted_appearance: str = "labeled"
-    fourier_mix_range: tuple[float, float] = (0.0, 1.0)
+    appearance_mix_range: tuple[float, float] = (0.0, 1.0)
     # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
     # teacher does not see: a weak/strong split aimed at scanner and protocol shift (unlabeled/perturbations.py)
     student_intensity: bool = False
@@ -190,10 +197,11 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             raise ValueError(f"{self.__class__.__name__}: pasted_appearance = {self.pasted_appearance!r} restyles the "
                              f"box that copy-paste pastes; it needs student_perturbation = 'copy_paste', got "
                              f"{self.student_perturbation!r}")
-        low, high = self.fourier_mix_range
+        low, high = self.appearance_mix_range
         if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"{self.__class__.__name__}: fourier_mix_range must be (low, high) with 0 <= low <= high "
-                             f"<= 1 (a share of the unlabeled patch's amplitude), got {self.fourier_mix_range}")
+            raise ValueError(f"{self.__class__.__name__}: appearance_mix_range must be (low, high) with 0 <= low <= "
+                             f"high <= 1 (the unlabeled patch's share of the pasted box's appearance), got "
+                             f"{self.appearance_mix_range}")
         if not 0.0 < self.copy_paste_fraction < 1.0:
             raise ValueError(f"{self.__class__.__name__}: copy_paste_fraction must lie strictly between 0 and 1, "
                              f"got {self.copy_paste_fraction}")
@@ -295,15 +303,24 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             box = random_boxes(data_u.shape[0], tuple(data_u.shape[2:]), self.copy_paste_fraction, data_u.device)
             # unlabeled sample i receives labeled sample i mod (labeled batch size)
             source = torch.arange(data_u.shape[0], device=data.device) % data.shape[0]
-            pasted = data[source]
-            if self.pasted_appearance == "fourier":
-                pasted = amplitude_mix(pasted, data_u, uniform_weights(data_u.shape[0], *self.fourier_mix_range,
-                                                                       data_u.device))
+            pasted = self.restyled(data[source], data_u)
             student = copy_paste(data_u, pasted, box)
             targets = [copy_paste(t, target_full[source], box) for t in pseudo_targets]
         if self.student_intensity:
             student = intensity_perturbation(student)
         return student, targets
+
+    def restyled(self, labeled: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
+        """The labeled patches in the appearance of the unlabeled ones they will be pasted into
+        (``pasted_appearance``), one mixing weight per sample; as they are with ``"labeled"``."""
+        if self.pasted_appearance == "labeled":
+            return labeled
+        weight = uniform_weights(labeled.shape[0], *self.appearance_mix_range, labeled.device)
+        if "fourier" in self.pasted_appearance:
+            labeled = amplitude_mix(labeled, unlabeled, weight)
+        if "histogram" in self.pasted_appearance:
+            labeled = histogram_match(labeled, unlabeled, weight)
+        return labeled
 
     @property
     def student_sees_teacher_input(self) -> bool:
@@ -532,6 +549,20 @@ class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA):
 
 class FourierPaste:
     """The labeled box pasted into the student's unlabeled patch takes that patch's Fourier amplitude (its
-    appearance), so CS learns ground truth as the unlabeled scans' scanners show it (``pasted_appearance``)."""
+    appearance), so the student learns ground truth as the unlabeled scans' scanners show it."""
 
     pasted_appearance = "fourier"
+
+
+class HistogramPaste:
+    """The labeled box pasted into the student's unlabeled patch takes that patch's intensity histogram, so the
+    student learns ground truth at the unlabeled scans' intensity scale and contrast."""
+
+    pasted_appearance = "histogram"
+
+
+class StyledPaste:
+    """The labeled box pasted into the student's unlabeled patch takes that patch's Fourier amplitude and then its
+    intensity histogram: ground truth in the unlabeled scans' appearance, scale and contrast."""
+
+    pasted_appearance = "fourier_histogram"

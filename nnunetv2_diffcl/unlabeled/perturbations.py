@@ -91,3 +91,21 @@ def uniform_weights(n: int, low: float, high: float, device: torch.device,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` draws of U(low, high) on ``device`` (the generator may live on another device)."""
     return _uniform(low, high, n, generator, device)
+
+
+def histogram_match(x: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, *spatial) moved towards the intensity distribution of ``reference`` (same shape): each voxel
+    of a sample and channel takes the value of the same rank in ``reference``, mixed as ``(1 - w) x + w matched``.
+
+    The mapping is monotonic, so what is brighter stays brighter and x's labels stay valid; what changes is the
+    intensity scale and contrast between tissues, which per-scan z-scoring leaves different from scanner to
+    scanner (a bias field widens the background's spread and shrinks the organ's contrast in z-scores).
+    """
+    if x.shape != reference.shape:
+        raise ValueError(f"histogram_match needs x and reference of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(reference.shape)}")
+    flat = x.reshape(*x.shape[:2], -1)
+    ranks = flat.argsort(dim=-1)
+    matched = torch.empty_like(flat)
+    matched.scatter_(-1, ranks, reference.reshape(*x.shape[:2], -1).sort(dim=-1).values.to(x.dtype))
+    return torch.lerp(x, matched.reshape(x.shape), weight.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)))

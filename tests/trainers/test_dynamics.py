@@ -120,8 +120,8 @@ def test_warmup_then_sigmoid_ramp(dataset_copy, in_process_env):
     ("student_perturbation", "mixup", "student_perturbation must be one of"),
     ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
     ("pasted_appearance", "style", "pasted_appearance must be one of"),
-    ("fourier_mix_range", (0.6, 0.2), r"fourier_mix_range must be \(low, high\) with 0 <= low <= high <= 1"),
-    ("fourier_mix_range", (0.0, 1.5), r"fourier_mix_range must be \(low, high\)"),
+    ("appearance_mix_range", (0.6, 0.2), r"appearance_mix_range must be \(low, high\) with 0 <= low <= high <= 1"),
+    ("appearance_mix_range", (0.0, 1.5), r"appearance_mix_range must be \(low, high\)"),
 ])
 def test_bad_dynamics_are_refused_before_training(dataset_copy, in_process_env, attribute, value, message):
     in_process_env(dataset_copy)

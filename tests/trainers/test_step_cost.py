@@ -172,8 +172,9 @@ def test_ds_is_compiled_where_nnunet_would_compile(dataset_copy, in_process_env,
     assert not any(k.startswith("_orig_mod") for k in trainer._bare(ds).state_dict())
 
 
-@pytest.mark.parametrize("cls", [cps.CPSTrainer_fourierPaste, diffcl.DiffCLTrainer_fourierPaste])
-def test_fourier_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(dataset_copy, in_process_env, cls):
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_fourierPaste, diffcl.DiffCLTrainer_fourierPaste,
+                                 cps.CPSTrainer_histogramPaste, diffcl.DiffCLTrainer_styledPaste])
+def test_styled_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
     torch.manual_seed(0)
     trainer = make_trainer(dataset_copy, type("Tiny", (cls,), {"ddim_steps": 2}))

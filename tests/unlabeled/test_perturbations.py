@@ -1,11 +1,17 @@
-"""The student's strong appearance perturbation: identity at zero strength, known values, per-sample draws."""
+"""Appearance perturbations: the student's strong intensity change, and the Fourier and histogram restyling of pasted
+labeled patches (identity at zero strength, known values, per-sample draws)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix, gaussian_blur, intensity_perturbation
+from nnunetv2_diffcl.unlabeled.perturbations import (
+    amplitude_mix,
+    gaussian_blur,
+    histogram_match,
+    intensity_perturbation,
+)
 
 OFF = {"gamma": 0.0, "contrast": (1.0, 1.0), "brightness": 0.0, "noise": 0.0, "blur": (0.0, 0.0)}
 
@@ -95,3 +101,30 @@ def test_amplitude_mix_of_a_constant_style_keeps_x_but_sets_its_mean():
 def test_amplitude_mix_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         amplitude_mix(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9), torch.zeros(2))
+
+
+def test_histogram_match_maps_rank_to_rank_known_values():
+    x = torch.tensor([[[3.0, 1.0, 2.0, 10.0]]])
+    reference = torch.tensor([[[-5.0, 0.5, 7.0, 0.0]]])
+    # sorted reference: -5, 0, 0.5, 7; x's ranks: 3 -> 3rd, 1 -> 1st, 2 -> 2nd, 10 -> 4th
+    torch.testing.assert_close(histogram_match(x, reference, torch.ones(1)), torch.tensor([[[0.5, -5.0, 0.0, 7.0]]]))
+    torch.testing.assert_close(histogram_match(x, reference, torch.tensor([0.5])),
+                               torch.tensor([[[1.75, -2.0, 1.0, 8.5]]]))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 10), (2, 2, 6, 8, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_histogram_match_takes_the_references_values_and_keeps_the_order(shape, dtype):
+    torch.manual_seed(0)
+    x, reference = torch.randn(shape, dtype=dtype), torch.rand(shape, dtype=dtype) ** 3
+    out = histogram_match(x, reference, torch.ones(shape[0]))
+    assert out.shape == x.shape and out.dtype == dtype
+    flat_out, flat_x = out.reshape(*shape[:2], -1), x.reshape(*shape[:2], -1)
+    torch.testing.assert_close(flat_out.sort(-1).values, reference.reshape(*shape[:2], -1).sort(-1).values)
+    assert torch.equal(flat_out.argsort(-1), flat_x.argsort(-1))  # monotonic: brighter stays brighter
+    torch.testing.assert_close(histogram_match(x, reference, torch.zeros(shape[0])), x)
+
+
+def test_histogram_match_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        histogram_match(torch.zeros(2, 1, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(2))
