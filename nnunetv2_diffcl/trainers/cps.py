@@ -22,6 +22,7 @@ import torch
 from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_targets, split_batch, targets_like
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
+    DistributionAlignment,
     FourierPaste,
     HistogramPaste,
     NoConfidenceMask,
@@ -58,7 +59,8 @@ class CPSTrainer(SemiSupervisedTrainer):
             zero = torch.zeros((), device=data.device)
             return terms["sup_a"] + terms["sup_b"], {**terms, "pseudo_a": zero, "pseudo_b": zero}
         n = data.shape[0]
-        if self.student_sees_teacher_input and not self.ema_teacher and self.pseudo_label_threshold is None:
+        if (self.student_sees_teacher_input and not self.ema_teacher and self.pseudo_label_threshold is None
+                and not self.distribution_alignment):
             # the original CPS: one pass per network, each one's unlabeled output teaches the other
             labeled_a, unlabeled_a = split_batch(self.network(torch.cat([data, data_u])), n)
             labeled_b, unlabeled_b = split_batch(network_b(torch.cat([data, data_u])), n)
@@ -66,8 +68,10 @@ class CPSTrainer(SemiSupervisedTrainer):
             target_b = pseudo_label_targets(unlabeled_a, self.label_manager.has_regions)
         else:
             with torch.no_grad():  # the teachers see the unlabeled patch as the loader gave it
-                _, label_for_b = self.pseudo_target(full_resolution(self.teacher(self.primary_name)(data_u)))
-                _, label_for_a = self.pseudo_target(full_resolution(self.teacher("network_b")(data_u)))
+                _, label_for_b = self.pseudo_target(self.aligned(
+                    self.primary_name, full_resolution(self.teacher(self.primary_name)(data_u))))
+                _, label_for_a = self.pseudo_target(self.aligned(
+                    "network_b", full_resolution(self.teacher("network_b")(data_u))))
             target_full = target[0] if isinstance(target, list) else target
             student_u, (label_for_a, label_for_b) = self.student_input(data, target_full, data_u,
                                                                        [label_for_a, label_for_b])
@@ -114,6 +118,10 @@ class CPSTrainer_250epochs(CPSTrainer):
     """CPSTrainer for 250 epochs instead of nnU-Net's 1000 (``schedule_epochs``), as nnUNetTrainer_250epochs."""
 
     schedule_epochs = 250
+
+
+class CPSTrainer_aligned(DistributionAlignment, CPSTrainer):
+    __doc__ = DistributionAlignment.__doc__
 
 
 class CPSTrainer_fourierPaste(FourierPaste, CPSTrainer):

@@ -62,6 +62,7 @@ from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
+    DistributionAlignment,
     FourierPaste,
     HistogramPaste,
     NoConfidenceMask,
@@ -305,8 +306,9 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             with torch.no_grad():
                 teacher_logits = full_resolution(self.teacher(self.primary_name)(data_u))
         with torch.no_grad():
+            teacher_logits = self.aligned(self.primary_name, teacher_logits)
             cs_label_u, target_for_ds = self.pseudo_target(teacher_logits)
-            ds_logits_u = self.ds_pseudo_logits(data_u)
+            ds_logits_u = self.aligned("ds", self.ds_pseudo_logits(data_u))
             ds_label_u = hard_pseudo_label(ds_logits_u, has_regions=False)
             agree = ds_label_u == cs_label_u
             _, query_target = self.pseudo_target(ds_logits_u, keep=agree)
@@ -436,6 +438,10 @@ class DiffCLTrainer_strongIntensity(DiffCLTrainer):
     and DS do not see (``student_intensity``): CS must keep their labels across scanner-like changes."""
 
     student_intensity = True
+
+
+class DiffCLTrainer_aligned(DistributionAlignment, DiffCLTrainer):
+    __doc__ = DistributionAlignment.__doc__
 
 
 class DiffCLTrainer_fourierPaste(FourierPaste, DiffCLTrainer):

@@ -103,6 +103,45 @@ class _WithIgnoreLabel:
         return getattr(self._label_manager, name)
 
 
+def labeled_class_shares(dataset: Any, num_classes: int) -> torch.Tensor:
+    """Each class's share of the labeled cases' voxels (K,), from their preprocessed segmentations (voxels outside
+    the labels' range, e.g. nnU-Net's -1 outside the nonzero mask, are not counted)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for identifier in dataset.identifiers:
+        seg = np.asarray(dataset.load_case(identifier)[1])
+        counts += np.bincount(seg[(seg >= 0) & (seg < num_classes)].astype(np.int64).ravel(), minlength=num_classes)
+    if counts.sum() == 0:
+        raise RuntimeError("distribution alignment needs labeled voxels, but the labeled cases' segmentations are "
+                           "empty")
+    return torch.from_numpy(counts / counts.sum()).float()
+
+
+class ClassShares(nn.Module):
+    """The labeled cases' class shares and a running mean of each teacher's predicted shares on unlabeled patches,
+    as buffers: saved in the checkpoint with the auxiliary networks and restored by ``--c``."""
+
+    def __init__(self, num_classes: int, teachers: list[str], momentum: float) -> None:
+        super().__init__()
+        self.teachers = list(teachers)
+        self.momentum = momentum
+        self.register_buffer("labeled", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("running", torch.full((len(teachers), num_classes), 1.0 / num_classes))
+        self.register_buffer("started", torch.zeros(len(teachers), dtype=torch.bool))
+
+    def set_labeled(self, shares: torch.Tensor) -> None:
+        self.labeled.copy_(shares.to(self.labeled))
+
+    @torch.no_grad()
+    def update(self, teacher: str, shares: torch.Tensor) -> torch.Tensor:
+        """Fold one batch's predicted shares into ``teacher``'s running mean (its first batch sets it); returns it."""
+        i = self.teachers.index(teacher)
+        if self.started[i]:
+            self.running[i] = self.momentum * self.running[i] + (1 - self.momentum) * shares.to(self.running)
+        else:
+            self.running[i], self.started[i] = shares.to(self.running), True
+        return self.running[i]
+
+
 @dataclass
 class AuxiliaryNetwork:
     """A network trained beside ``self.network``; optimiser and schedule may be None (not trained)."""
@@ -131,7 +170,10 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
       both, each mixed with the labeled patch by a weight drawn per sample from ``appearance_mix_range``: ground
       truth in the unlabeled scans' appearance; ``"labeled"`` pastes it as scanned;
     - ``ema_teacher`` / ``ema_decay``: pseudo-labels come from an exponential moving average of the teaching
-      network instead of the network itself.
+      network instead of the network itself;
+    - ``distribution_alignment``: each teacher's probabilities are multiplied by (class share in the labeled
+      cases) / (running mean of that teacher's predicted share on unlabeled patches) before its label is taken,
+      so a teacher that starts to miss (or over-grow) a class on unlabeled scans does not pass the drift on.
     """
 
     loss_terms: tuple[str, ...] = ()
@@ -147,6 +189,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     student_intensity: bool = False
     ema_teacher: bool = True
     ema_decay: float = 0.99
+    distribution_alignment: bool = False
+    alignment_momentum: float = 0.99     # of the running mean of each teacher's predicted class shares
     # unlabeled patches per step as a share of nnU-Net's planned (labeled) batch size: the unlabeled batch is
     # max(1, round(ratio x batch size)); below 1 it cuts the step's cost
     unlabeled_batch_ratio: float = 1.0
@@ -208,6 +252,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if not self.unlabeled_batch_ratio > 0:
             raise ValueError(f"{self.__class__.__name__}: unlabeled_batch_ratio must be > 0 (unlabeled patches per "
                              f"labeled patch), got {self.unlabeled_batch_ratio}")
+        if not 0.0 <= self.alignment_momentum < 1.0:
+            raise ValueError(f"{self.__class__.__name__}: alignment_momentum must lie in [0, 1), got "
+                             f"{self.alignment_momentum}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"{self.__class__.__name__}: ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -294,6 +341,20 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             trusted &= keep
         return label, masked_pseudo_label(label, trusted, self.ignore_value)
 
+    @torch.no_grad()
+    def aligned(self, name: str, logits: torch.Tensor) -> torch.Tensor:
+        """The teacher ``name``'s logits (B, K, ...) after distribution alignment (ReMixMatch, Berthelot et al.
+        2020): probabilities times labeled share / running predicted share, renormalised, as log-probabilities;
+        ``logits`` unchanged without ``distribution_alignment``. Updates that teacher's running share."""
+        if not self.distribution_alignment:
+            return logits
+        record: ClassShares = self.auxiliary["class_shares"].module
+        probabilities = torch.softmax(logits.float(), 1)
+        running = record.update(name, probabilities.transpose(0, 1).reshape(logits.shape[1], -1).mean(1))
+        probabilities = probabilities * (record.labeled / running.clamp_min(1e-8)).reshape(
+            (1, -1) + (1,) * (logits.ndim - 2))
+        return torch.log((probabilities / probabilities.sum(1, keepdim=True)).clamp_min(1e-12))
+
     def student_input(self, data: torch.Tensor, target_full: torch.Tensor, data_u: torch.Tensor,
                       pseudo_targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's unlabeled input and its targets: with copy-paste a box of the labeled patch and its
@@ -366,6 +427,11 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     def initialize(self) -> None:
         super().initialize()
         self.auxiliary = self.build_auxiliary_networks()
+        if self.distribution_alignment:
+            teachers = [self.primary_name] + [n for n, a in self.auxiliary.items() if a.optimizer is not None]
+            self.auxiliary["class_shares"] = AuxiliaryNetwork(
+                ClassShares(self.label_manager.num_segmentation_heads, teachers, self.alignment_momentum
+                            ).to(self.device))
         self.logger.local_logger.add_terms([f"grad_norm_{name}" for name, _, _ in self._trained()])
         if self.pseudo_label_threshold is not None or not self.student_sees_teacher_input:
             self.pseudo_loss = self.build_pseudo_loss()
@@ -394,6 +460,11 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if missing:
             raise RuntimeError(f"{folder} lacks the preprocessed unlabeled case(s) {missing[:5]} that its manifest "
                                f"lists: rerun nnUNetv2_diffcl preprocess_unlabeled for this dataset.")
+        if self.distribution_alignment:
+            shares = labeled_class_shares(data_loader_of(train)._data, self.label_manager.num_segmentation_heads)
+            self.auxiliary["class_shares"].module.set_labeled(shares)
+            self.print_to_log_file(f"Distribution alignment: class shares of the labeled cases "
+                                   f"{[round(float(v), 5) for v in shares]}")
         loader_u = unlabeled_loader_like(data_loader_of(train), self.dataset_class(folder, cases),
                                          self.unlabeled_batch_size, self.label_manager)
         augmenter_u = augmenter_for(loader_u, pin_memory=self.device.type == "cuda")
@@ -545,6 +616,13 @@ class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA):
     """The dynamics as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
 
     unsupervised_rampup_fraction = 0.1
+
+
+class DistributionAlignment:
+    """Each teacher's probabilities are aligned to the labeled cases' class shares before its pseudo-label is taken
+    (``distribution_alignment``): drift towards missing or over-growing a class on unlabeled scans is countered."""
+
+    distribution_alignment = True
 
 
 class FourierPaste:

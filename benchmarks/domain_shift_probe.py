@@ -1,0 +1,111 @@
+"""What makes a shifted domain of the domain-shift benchmark hard for a model trained on domain 0, and how much of
+it a restyling of labeled patches reproduces. Diagnosis only: the trainers never see the generator's styles.
+
+Two measurements with one trained 2d model (e.g. labeled-only nnU-Net of a benchmark repeat), slice by slice at
+the full 64 x 64 slice (the 2d configuration's patch), each image z-scored as nnU-Net normalises it:
+
+- ``restyle``: the model's Dice on each domain's test cases, and on domain 0's test cases restyled by
+  ``amplitude_mix`` with test cases of that domain at weight 0.5 and 1 (what ``pasted_appearance = "fourier"``
+  shows the student). When restyled domain-0 cases score like the real domain, the restyling reproduces the shift.
+- ``factors``: the model's Dice on freshly drawn cases of domain 0 and of domain 3 with one style parameter
+  swapped between them (``DOMAIN_STYLES``): which property of the shifted domain costs the Dice.
+
+    python benchmarks/domain_shift_probe.py restyle MODEL_FOLDER RAW_DATASET_FOLDER
+    python benchmarks/domain_shift_probe.py factors MODEL_FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
+from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    return ((image - image.mean()) / image.std()).astype(np.float32)
+
+
+def dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
+    a, b = a == c, b == c
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+class SliceModel:
+    """A trained 2d nnU-Net model applied to whole slices (no sliding window: slice = patch here)."""
+
+    def __init__(self, model_folder: Path) -> None:
+        predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+        predictor.initialize_from_trained_model_folder(str(model_folder), ("all",), "checkpoint_final.pth")
+        self.network = predictor.network.eval()
+
+    @torch.no_grad()
+    def mean_dice(self, image: np.ndarray, label: np.ndarray) -> float:
+        """Mean Dice over the two foreground classes of the (z, y, x) ``image``'s slice-wise segmentation."""
+        out = self.network(torch.from_numpy(image)[:, None])
+        seg = (out[0] if isinstance(out, (list, tuple)) else out).argmax(1).numpy()
+        return float(np.mean([dice(seg, label, c) for c in (1, 2)]))
+
+
+def restyle(model: SliceModel, raw: Path) -> None:
+    def case(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        label = raw / "labelsTs" / path.name.replace("_0000", "")
+        return zscore(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), sitk.GetArrayFromImage(
+            sitk.ReadImage(str(label)))
+
+    domain0 = [case(p) for p in sorted((raw / "imagesTs").glob("*_d0_0000.nii.gz"))]
+    print("| test cases of | real | domain 0 restyled, weight 0.5 | domain 0 restyled, weight 1 |\n|---|---|---|---|")
+    for d in range(len(DOMAIN_STYLES)):
+        cases = [case(p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
+        cells = [np.mean([model.mean_dice(x, y) for x, y in cases])]
+        for weight in (0.5, 1.0):
+            cells.append(np.mean([model.mean_dice(amplitude_mix(torch.from_numpy(x)[:, None],
+                                                                torch.from_numpy(s)[:, None],
+                                                                torch.full((x.shape[0],), weight)).numpy()[:, 0], y)
+                                  for (x, y), (s, _) in zip(domain0, cases)]))
+        print(f"| domain {d} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+def factors(model: SliceModel, cases: int = 8) -> None:
+    def score(style) -> float:
+        values = []
+        for k in range(cases):
+            image, label = make_domain_case(np.random.default_rng(1000 + k), (16, 64, 64), style)
+            values.append(model.mean_dice(zscore(image), label))
+        return float(np.mean(values))
+
+    first, last = DOMAIN_STYLES[0], DOMAIN_STYLES[-1]
+    print(f"domain 0: {score(first):.3f}, domain {len(DOMAIN_STYLES) - 1}: {score(last):.3f} ({cases} new cases each)")
+    print("| style parameter | domain 0 with the last domain's | last domain with domain 0's |\n|---|---|---|")
+    for field in dataclasses.fields(first):
+        swapped_in = score(dataclasses.replace(first, **{field.name: getattr(last, field.name)}))
+        swapped_out = score(dataclasses.replace(last, **{field.name: getattr(first, field.name)}))
+        print(f"| {field.name} | {swapped_in:.3f} | {swapped_out:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("measurement", choices=("restyle", "factors"))
+    parser.add_argument("model_folder", type=Path, help="a trained 2d model's folder (holding fold_all)")
+    parser.add_argument("raw", type=Path, nargs="?", help="the benchmark's raw dataset folder (restyle)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = SliceModel(args.model_folder)
+    if args.measurement == "restyle":
+        if args.raw is None:
+            parser.error("restyle needs the raw dataset folder")
+        restyle(model, args.raw)
+    else:
+        factors(model)
+
+
+if __name__ == "__main__":
+    main()
