@@ -173,5 +173,6 @@ def compare_with_baseline(rows: list[dict], steps: int) -> str:
 # the domain-shift benchmark's result as docs/benchmarks.md reports it (measured, with its command there)
 BENCHMARK_SUMMARY = (
     "  domain-shift benchmark, 2d, 2000 steps: labeled-only nnU-Net 0.580 +- 0.014, every case labeled\n"
-    "  0.800 +- 0.009; DiffCLTrainer 0.550 +- 0.027 (3 repeats each). No semi-supervised gain is shown yet\n"
+    "  0.800 +- 0.009; DiffCLTrainer 0.550 +- 0.027 (3 repeats each); CPSTrainer 0.533 and the variants\n"
+    "  tried since at most level with labeled-only (single runs). No semi-supervised gain is shown yet\n"
     "  (docs/benchmarks.md, 'The domain-shift benchmark').")
