@@ -118,7 +118,8 @@ def labeled_class_shares(dataset: Any, num_classes: int) -> torch.Tensor:
 
 class ClassShares(nn.Module):
     """The labeled cases' class shares and a running mean of each teacher's predicted shares on unlabeled patches,
-    as buffers: saved in the checkpoint with the auxiliary networks and restored by ``--c``."""
+    as buffers: saved in the checkpoint with the auxiliary networks and restored by ``--c``. Under DDP each rank
+    keeps the running shares of its own unlabeled batches (rank 0's are saved)."""
 
     def __init__(self, num_classes: int, teachers: list[str], momentum: float) -> None:
         super().__init__()
