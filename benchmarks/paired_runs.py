@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nnunetv2_diffcl.benchmark import LOWER_REFERENCE, case_dice, gap_closed
+from nnunetv2_diffcl.benchmark import LOWER_REFERENCE, case_dice, gap_closed, wins_against
 
 
 def per_case(summary: Path) -> dict[str, dict[str, dict]]:
@@ -34,19 +34,20 @@ def main() -> None:
         upper_file = repeat / "predictions_reference" / LOWER_REFERENCE / "summary.json"
         if not lower_file.exists():
             continue
-        lower = case_dice(per_case(lower_file))
+        lower_row = {"per_case_dice": per_case(lower_file)}
+        lower = case_dice(lower_row["per_case_dice"])
         upper = mean(case_dice(per_case(upper_file))) if upper_file.exists() else None
         for summary in sorted((repeat / "predictions").glob("*/summary.json")):
             trainer = summary.parent.name
             if trainer == LOWER_REFERENCE:
                 continue
-            ours = case_dice(per_case(summary))
-            common = sorted(set(ours) & set(lower))
-            wins = sum(ours[c] > lower[c] for c in common)
+            row = {"per_case_dice": per_case(summary)}
+            ours = case_dice(row["per_case_dice"])
+            wins, n_cases = wins_against(row, lower_row)
             closed = gap_closed(mean(ours), mean(lower), upper)
             print(f"| {repeat.name} | {trainer} | {mean(ours):.4f} | {mean(lower):.4f} | "
                   f"{'n/a' if upper is None else f'{upper:.4f}'} | "
-                  f"{'n/a' if closed is None else f'{closed:+.2f}'} | {wins}/{len(common)} |")
+                  f"{'n/a' if closed is None else f'{closed:+.2f}'} | {wins}/{n_cases} |")
 
 
 if __name__ == "__main__":

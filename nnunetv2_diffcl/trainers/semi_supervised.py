@@ -50,7 +50,7 @@ from nnunetv2_diffcl.unlabeled.perturbations import (
     amplitude_mix,
     histogram_match,
     intensity_perturbation,
-    uniform_weights,
+    uniform_draws,
 )
 from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import (
@@ -377,7 +377,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         (``pasted_appearance``), one mixing weight per sample; as they are with ``"labeled"``."""
         if self.pasted_appearance == "labeled":
             return labeled
-        weight = uniform_weights(labeled.shape[0], *self.appearance_mix_range, labeled.device)
+        weight = uniform_draws(*self.appearance_mix_range, labeled.shape[0], None, labeled.device)
         if "fourier" in self.pasted_appearance:
             labeled = amplitude_mix(labeled, unlabeled, weight)
         if "histogram" in self.pasted_appearance:

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _uniform(low: float, high: float, n: int, generator: torch.Generator | None, device: torch.device
-             ) -> torch.Tensor:
+def uniform_draws(low: float, high: float, n: int, generator: torch.Generator | None, device: torch.device
+                  ) -> torch.Tensor:
+    """``n`` draws of U(low, high) on ``device`` (the generator may live on another device)."""
     draw = torch.rand(n, generator=generator, device=generator.device if generator is not None else device)
     return (low + (high - low) * draw).to(device)
 
@@ -56,14 +57,14 @@ def intensity_perturbation(x: torch.Tensor, generator: torch.Generator | None = 
     view = (n,) + (1,) * (x.ndim - 1)
     lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     span = (hi - lo).clamp_min(1e-6)
-    g = torch.exp(_uniform(-gamma, gamma, n, generator, device)).reshape(view).to(x.dtype)
+    g = torch.exp(uniform_draws(-gamma, gamma, n, generator, device)).reshape(view).to(x.dtype)
     out = lo + span * ((x - lo) / span).clamp(0, 1) ** g
     mean, sd = out.mean(dim=dims, keepdim=True), out.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    out = mean + (out - mean) * _uniform(*contrast, n, generator, device).reshape(view).to(x.dtype)
+    out = mean + (out - mean) * uniform_draws(*contrast, n, generator, device).reshape(view).to(x.dtype)
     shift = torch.randn(n, generator=generator, device=generator.device if generator is not None else device)
     out = out + (brightness * shift.to(device)).reshape(view).to(x.dtype) * sd
-    out = gaussian_blur(out, _uniform(*blur, n, generator, device))
-    noise_sd = _uniform(0.0, noise, n, generator, device).reshape(view).to(x.dtype) * sd
+    out = gaussian_blur(out, uniform_draws(*blur, n, generator, device))
+    noise_sd = uniform_draws(0.0, noise, n, generator, device).reshape(view).to(x.dtype) * sd
     draw_device = generator.device if generator is not None else device
     return out + noise_sd * torch.randn(x.shape, generator=generator, device=draw_device).to(device, x.dtype)
 
@@ -85,12 +86,6 @@ def amplitude_mix(x: torch.Tensor, style: torch.Tensor, weight: torch.Tensor) ->
                            weight.float().reshape((-1,) + (1,) * (x.ndim - 1)))
     mixed = torch.polar(amplitude, spectrum.angle())
     return torch.fft.irfftn(mixed, s=x.shape[2:], dim=dims).to(x.dtype)
-
-
-def uniform_weights(n: int, low: float, high: float, device: torch.device,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` draws of U(low, high) on ``device`` (the generator may live on another device)."""
-    return _uniform(low, high, n, generator, device)
 
 
 def histogram_match(x: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
