@@ -4,6 +4,7 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer,
     CPSTrainer_250epochs,
     CPSTrainer_aligned,
+    CPSTrainer_fourierLabeled,
     CPSTrainer_fourierPaste,
     CPSTrainer_histogramPaste,
     CPSTrainer_noConfidenceMask,
@@ -26,6 +27,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_DDIM20,
     DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_dsScale01,
+    DiffCLTrainer_fourierLabeled,
     DiffCLTrainer_fourierPaste,
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_histogramPaste,
@@ -44,10 +46,11 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
-from nnunetv2_diffcl.trainers.labeled_only import LabeledOnlyTrainer
+from nnunetv2_diffcl.trainers.labeled_only import LabeledOnlyTrainer, LabeledOnlyTrainer_fourierLabeled
 
 PLUGIN_TRAINERS: list = [
     LabeledOnlyTrainer,
+    LabeledOnlyTrainer_fourierLabeled,
     HFMambaTrainer,
     CPSTrainer,
     CPSTrainer_noWarmup,
@@ -60,6 +63,7 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_fourierPaste,
     CPSTrainer_histogramPaste,
     CPSTrainer_styledPaste,
+    CPSTrainer_fourierLabeled,
     CPSTrainer_250epochs,
     DiffCLTrainer,
     DiffCLTrainer_250epochs,
@@ -88,6 +92,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_fourierPaste,
     DiffCLTrainer_histogramPaste,
     DiffCLTrainer_styledPaste,
+    DiffCLTrainer_fourierLabeled,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

@@ -23,6 +23,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_t
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     DistributionAlignment,
+    FourierLabeled,
     FourierPaste,
     HistogramPaste,
     NoConfidenceMask,
@@ -126,6 +127,10 @@ class CPSTrainer_aligned(DistributionAlignment, CPSTrainer):
 
 class CPSTrainer_fourierPaste(FourierPaste, CPSTrainer):
     __doc__ = FourierPaste.__doc__
+
+
+class CPSTrainer_fourierLabeled(FourierLabeled, CPSTrainer):
+    __doc__ = FourierLabeled.__doc__
 
 
 class CPSTrainer_histogramPaste(HistogramPaste, CPSTrainer):

@@ -63,6 +63,7 @@ from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     DistributionAlignment,
+    FourierLabeled,
     FourierPaste,
     HistogramPaste,
     NoConfidenceMask,
@@ -446,6 +447,10 @@ class DiffCLTrainer_aligned(DistributionAlignment, DiffCLTrainer):
 
 class DiffCLTrainer_fourierPaste(FourierPaste, DiffCLTrainer):
     __doc__ = FourierPaste.__doc__
+
+
+class DiffCLTrainer_fourierLabeled(FourierLabeled, DiffCLTrainer):
+    __doc__ = FourierLabeled.__doc__
 
 
 class DiffCLTrainer_histogramPaste(HistogramPaste, DiffCLTrainer):

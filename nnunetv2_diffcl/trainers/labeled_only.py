@@ -7,9 +7,27 @@ shorten the semi-supervised trainers' (demo and benchmark use the same schedule 
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment
+from nnunetv2_diffcl.trainers.semi_supervised import FourierLabeled, SemiSupervisedTrainer
 
 
 class LabeledOnlyTrainer(ScheduleFromEnvironment):
     """nnUNetTrainer on the labeled cases, nothing else changed: the reference every semi-supervised trainer must
     beat. Variants change nnUNetTrainer's own attributes, as nnU-Net's variants do."""
+
+
+class LabeledOnlyTrainer_fourierLabeled(FourierLabeled, SemiSupervisedTrainer):
+    """nnU-Net's supervised step on the labeled patches restyled by unlabeled patches (``labeled_appearance``),
+    nothing else: no pseudo-label, no second network. The control that says how much of a semi-supervised
+    trainer's ``_fourierLabeled`` result comes from the unlabeled scans' appearance alone."""
+
+    loss_terms = ("sup",)
+
+    def compute_losses(self, data: torch.Tensor, target: Any, data_u: torch.Tensor, weight: float
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.loss(self.network(data), target)
+        return loss, {"sup": loss}

@@ -170,6 +170,10 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
       patch it lands in (phase kept), ``"histogram"`` its intensity histogram (rank for rank), ``"fourier_histogram"``
       both, each mixed with the labeled patch by a weight drawn per sample from ``appearance_mix_range``: ground
       truth in the unlabeled scans' appearance; ``"labeled"`` pastes it as scanned;
+    - ``labeled_appearance``: the same choices for the whole labeled batch of the supervised loss: each labeled
+      patch takes the appearance of an unlabeled patch of the step, with a mixing weight drawn from
+      ``appearance_mix_range`` times the unsupervised weight (so none during the warm-up): ground truth at the
+      supervised loss's full weight in the unlabeled scans' appearance, with no pseudo-label involved;
     - ``ema_teacher`` / ``ema_decay``: pseudo-labels come from an exponential moving average of the teaching
       network instead of the network itself;
     - ``distribution_alignment``: each teacher's probabilities are multiplied by (class share in the labeled
@@ -184,6 +188,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     student_perturbation: str = "copy_paste"
     copy_paste_fraction: float = 0.5
     pasted_appearance: str = "labeled"
+    labeled_appearance: str = "labeled"
     appearance_mix_range: tuple[float, float] = (0.0, 1.0)
     # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
     # teacher does not see: a weak/strong split aimed at scanner and protocol shift (unlabeled/perturbations.py)
@@ -238,6 +243,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if self.pasted_appearance not in PASTED_APPEARANCES:
             raise ValueError(f"{self.__class__.__name__}: pasted_appearance must be one of {PASTED_APPEARANCES}, got "
                              f"{self.pasted_appearance!r}")
+        if self.labeled_appearance not in PASTED_APPEARANCES:
+            raise ValueError(f"{self.__class__.__name__}: labeled_appearance must be one of {PASTED_APPEARANCES}, "
+                             f"got {self.labeled_appearance!r}")
         if self.pasted_appearance != "labeled" and self.student_perturbation != "copy_paste":
             raise ValueError(f"{self.__class__.__name__}: pasted_appearance = {self.pasted_appearance!r} restyles the "
                              f"box that copy-paste pastes; it needs student_perturbation = 'copy_paste', got "
@@ -372,17 +380,28 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             student = intensity_perturbation(student)
         return student, targets
 
-    def restyled(self, labeled: torch.Tensor, unlabeled: torch.Tensor) -> torch.Tensor:
-        """The labeled patches in the appearance of the unlabeled ones they will be pasted into
-        (``pasted_appearance``), one mixing weight per sample; as they are with ``"labeled"``."""
-        if self.pasted_appearance == "labeled":
+    def restyled(self, labeled: torch.Tensor, unlabeled: torch.Tensor, appearance: str | None = None,
+                 scale: float = 1.0) -> torch.Tensor:
+        """The labeled patches in the appearance of the unlabeled ones (same batch size) by ``appearance`` (one of
+        ``PASTED_APPEARANCES``; ``pasted_appearance`` by default), one mixing weight per sample drawn from
+        ``appearance_mix_range`` and multiplied by ``scale``; as they are with ``"labeled"`` or ``scale`` 0."""
+        appearance = self.pasted_appearance if appearance is None else appearance
+        if appearance == "labeled" or scale == 0.0:
             return labeled
-        weight = uniform_draws(*self.appearance_mix_range, labeled.shape[0], None, labeled.device)
-        if "fourier" in self.pasted_appearance:
+        weight = scale * uniform_draws(*self.appearance_mix_range, labeled.shape[0], None, labeled.device)
+        if "fourier" in appearance:
             labeled = amplitude_mix(labeled, unlabeled, weight)
-        if "histogram" in self.pasted_appearance:
+        if "histogram" in appearance:
             labeled = histogram_match(labeled, unlabeled, weight)
         return labeled
+
+    def labeled_input(self, data: torch.Tensor, data_u: torch.Tensor, weight: float) -> torch.Tensor:
+        """The labeled batch the networks are trained on: restyled by ``labeled_appearance`` after the unlabeled
+        patch i mod (unlabeled batch size), with the mixing weight scaled by the unsupervised ``weight``."""
+        if self.labeled_appearance == "labeled" or weight == 0.0:
+            return data
+        source = torch.arange(data.shape[0], device=data_u.device) % data_u.shape[0]
+        return self.restyled(data, data_u[source], self.labeled_appearance, weight).to(data.dtype)
 
     @property
     def student_sees_teacher_input(self) -> bool:
@@ -442,7 +461,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             f"Semi-supervised dynamics: warm-up {self.unsupervised_warmup_fraction}, ramp "
             f"{self.unsupervised_rampup_fraction}, pseudo-label threshold {self.pseudo_label_threshold}, student "
             f"perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, pasted "
-            f"appearance {self.pasted_appearance}, EMA teacher "
+            f"appearance {self.pasted_appearance}, labeled appearance {self.labeled_appearance}, EMA teacher "
             f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
             for aux in self.auxiliary.values():
@@ -497,6 +516,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         trained = self._trained()
         for _, _, optimizer in trained:
             optimizer.zero_grad(set_to_none=True)
+        data = self.labeled_input(data, data_u, weight)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             total, terms = self.compute_losses(data, target, data_u, weight)
         self.ssl_step += 1
@@ -645,3 +665,11 @@ class StyledPaste:
     intensity histogram: ground truth in the unlabeled scans' appearance, scale and contrast."""
 
     pasted_appearance = "fourier_histogram"
+
+
+class FourierLabeled:
+    """Every labeled patch of the supervised loss takes part of an unlabeled patch's Fourier amplitude (its
+    appearance), the share rising with the unsupervised weight: ground truth at full weight as the unlabeled
+    scans' scanners show it, with no pseudo-label in it."""
+
+    labeled_appearance = "fourier"

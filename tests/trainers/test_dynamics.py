@@ -120,6 +120,7 @@ def test_warmup_then_sigmoid_ramp(dataset_copy, in_process_env):
     ("student_perturbation", "mixup", "student_perturbation must be one of"),
     ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
     ("pasted_appearance", "style", "pasted_appearance must be one of"),
+    ("labeled_appearance", "fft", "labeled_appearance must be one of"),
     ("appearance_mix_range", (0.6, 0.2), r"appearance_mix_range must be \(low, high\) with 0 <= low <= high <= 1"),
     ("appearance_mix_range", (0.0, 1.5), r"appearance_mix_range must be \(low, high\)"),
 ])

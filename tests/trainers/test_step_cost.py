@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_diffcl.trainers import cps, diffcl
+from nnunetv2_diffcl.trainers import cps, diffcl, labeled_only
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
 from tests.trainers.test_cps_trainer import clone, make_trainer
 from tests.trainers.test_diffcl_trainer import DiffCLTrainer_tiny, fixed_batch
@@ -194,3 +194,30 @@ def test_styled_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(da
     trainer.on_train_epoch_start()
     trainer.ssl_step = 10 ** 6
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
+
+
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_fourierLabeled, diffcl.DiffCLTrainer_fourierLabeled,
+                                 labeled_only.LabeledOnlyTrainer_fourierLabeled])
+def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(dataset_copy, in_process_env, cls):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    tiny = type("Tiny", (cls,), {"ddim_steps": 2, "appearance_mix_range": (1.0, 1.0)})
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    assert trainer.labeled_input(data, data_u, 0.0) is data  # warm-up: nnU-Net's labeled batch itself
+    dims = tuple(range(2, data.ndim))
+    amplitude = lambda x: torch.fft.rfftn(x.float(), dim=dims).abs()  # noqa: E731
+    source = torch.arange(data.shape[0]) % data_u.shape[0]
+    for weight in (0.5, 1.0):  # mixing weight = range (1, 1) x unsupervised weight: a known amplitude
+        restyled = trainer.labeled_input(data, data_u, weight)
+        assert restyled.shape == data.shape and restyled.dtype == data.dtype
+        expected = (1 - weight) * amplitude(data) + weight * amplitude(data_u[source])
+        torch.testing.assert_close(amplitude(restyled), expected, rtol=1e-3, atol=1e-3)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6
+    seen = []
+    compute = trainer.compute_losses
+    trainer.compute_losses = lambda d, *a: seen.append(d) or compute(d, *a)
+    out = trainer.train_step(clone(batch))
+    assert np.isfinite(out["loss"]) and not torch.equal(seen[0], data)  # the step trained on the restyled batch
