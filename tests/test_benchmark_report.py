@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunetv2_diffcl.benchmark import (
@@ -218,3 +219,22 @@ def test_reference_without_labeled_only_trainer_is_refused(monkeypatch, capsys):
 
     assert main(["benchmark", "-d", "993", "--reference", "994", "--trainers", "CPSTrainer"]) == 2
     assert "nnUNetv2_diffcl benchmark: error: --reference needs LabeledOnlyTrainer" in capsys.readouterr().err
+
+
+def test_per_domain_errors_from_voxel_counts_and_dice():
+    """Known values: reference 10 voxels, prediction 6, Dice 0.75 -> TP = 0.75 x 16 / 2 = 6, FP 0, FN 4; a second
+    case of the same domain with 10 / 14 / Dice 5/6 -> TP 10, FP 4, FN 0; summed: FP 4 / 20, FN 4 / 20."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("per_domain_dice", Path(__file__).parents[1] / "benchmarks" /
+                                                  "per_domain_dice.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = {"per_case": [
+        {"case": "c_000_d1", "metrics": {"1": {"n_reference": 10, "n_prediction": 6, "dice": 0.75}}},
+        {"case": "c_001_d1", "metrics": {"1": {"n_reference": 10, "n_prediction": 14, "dice": 5 / 6}}},
+        {"case": "c_002_d2", "metrics": {"1": {"n_reference": 0, "n_prediction": 0, "dice": float("nan")}}},
+    ]}
+    errors = module.per_domain_errors(summary)
+    assert errors["d1"]["1"] == pytest.approx((0.2, 0.2))
+    assert set(errors) == {"d1", "d2"} and np.isnan(errors["d2"]["1"][0])  # no reference voxel: undefined
