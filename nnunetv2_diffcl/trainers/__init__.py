@@ -7,6 +7,7 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer_fourierLabeled,
     CPSTrainer_fourierPaste,
     CPSTrainer_histogramPaste,
+    CPSTrainer_lateStart,
     CPSTrainer_noConfidenceMask,
     CPSTrainer_noEMA,
     CPSTrainer_noPerturbation,
@@ -31,6 +32,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_fourierPaste,
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_histogramPaste,
+    DiffCLTrainer_lateStart,
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_noAgreement,
     DiffCLTrainer_noConfidenceMask,
@@ -64,6 +66,7 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_histogramPaste,
     CPSTrainer_styledPaste,
     CPSTrainer_fourierLabeled,
+    CPSTrainer_lateStart,
     CPSTrainer_250epochs,
     DiffCLTrainer,
     DiffCLTrainer_250epochs,
@@ -93,6 +96,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_histogramPaste,
     DiffCLTrainer_styledPaste,
     DiffCLTrainer_fourierLabeled,
+    DiffCLTrainer_lateStart,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

@@ -26,6 +26,7 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
     FourierLabeled,
     FourierPaste,
     HistogramPaste,
+    LateStart,
     NoConfidenceMask,
     NoEMA,
     NoPerturbation,
@@ -131,6 +132,10 @@ class CPSTrainer_fourierPaste(FourierPaste, CPSTrainer):
 
 class CPSTrainer_fourierLabeled(FourierLabeled, CPSTrainer):
     __doc__ = FourierLabeled.__doc__
+
+
+class CPSTrainer_lateStart(LateStart, CPSTrainer):
+    __doc__ = LateStart.__doc__
 
 
 class CPSTrainer_histogramPaste(HistogramPaste, CPSTrainer):

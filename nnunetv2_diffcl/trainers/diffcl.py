@@ -66,6 +66,7 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
     FourierLabeled,
     FourierPaste,
     HistogramPaste,
+    LateStart,
     NoConfidenceMask,
     NoEMA,
     NoPerturbation,
@@ -451,6 +452,10 @@ class DiffCLTrainer_fourierPaste(FourierPaste, DiffCLTrainer):
 
 class DiffCLTrainer_fourierLabeled(FourierLabeled, DiffCLTrainer):
     __doc__ = FourierLabeled.__doc__
+
+
+class DiffCLTrainer_lateStart(LateStart, DiffCLTrainer):
+    __doc__ = LateStart.__doc__
 
 
 class DiffCLTrainer_histogramPaste(HistogramPaste, DiffCLTrainer):

@@ -633,6 +633,15 @@ class NoEMA:
     ema_teacher = False
 
 
+class LateStart:
+    """The teachers start once labeled-only nnU-Net is close to its plateau: half of training is the labeled-only
+    warm-up (at 2000 steps on the domain-shift benchmark, labeled-only nnU-Net gains 0.076 Dice from 500 to 1000
+    steps and 0.015 from 1000 to 2000), so pseudo-labels never come from an immature teacher."""
+
+    unsupervised_warmup_fraction = 0.5
+    unsupervised_rampup_fraction = 0.2
+
+
 class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA):
     """The dynamics as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
 

@@ -111,6 +111,16 @@ def test_warmup_then_sigmoid_ramp(dataset_copy, in_process_env):
         assert trainer.unsupervised_weight() == pytest.approx(expected), step
 
 
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_lateStart, diffcl.DiffCLTrainer_lateStart])
+def test_late_start_teaches_only_in_the_second_half(dataset_copy, in_process_env, cls):
+    in_process_env(dataset_copy)
+    trainer = unbuilt(dataset_copy, cls)
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 20, 10  # 200 steps: warm-up 100, ramp 40
+    for step, expected in ((99, 0.0), (100, sigmoid_rampup(0.0)), (120, sigmoid_rampup(0.5)), (140, 1.0)):
+        trainer.ssl_step = step
+        assert trainer.unsupervised_weight() == pytest.approx(expected), step
+
+
 @pytest.mark.parametrize("attribute, value, message", [
     ("pseudo_label_threshold", 0.0, "pseudo_label_threshold .* strictly between 0 and 1"),
     ("pseudo_label_threshold", 1.0, "pseudo_label_threshold .* strictly between 0 and 1"),
