@@ -28,7 +28,6 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_DDIM20,
     DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_dsScale01,
-    DiffCLTrainer_fourierLabeled,
     DiffCLTrainer_fourierPaste,
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_histogramPaste,
@@ -40,6 +39,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_noDiffusion,
     DiffCLTrainer_noEMA,
     DiffCLTrainer_noHFMamba,
+    DiffCLTrainer_noLabeledRestyle,
     DiffCLTrainer_noPerturbation,
     DiffCLTrainer_noWarmup,
     DiffCLTrainer_original,
@@ -95,7 +95,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_fourierPaste,
     DiffCLTrainer_histogramPaste,
     DiffCLTrainer_styledPaste,
-    DiffCLTrainer_fourierLabeled,
+    DiffCLTrainer_noLabeledRestyle,
     DiffCLTrainer_lateStart,
 ]
 

@@ -642,8 +642,16 @@ class LateStart:
     unsupervised_rampup_fraction = 0.2
 
 
-class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA):
-    """The dynamics as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA."""
+class NoLabeledRestyle:
+    """Ablation: the labeled batch is trained on as scanned, never in an unlabeled patch's appearance
+    (``labeled_appearance = "labeled"``; DiffCLTrainer's default before 2026-12-05)."""
+
+    labeled_appearance = "labeled"
+
+
+class OriginalDynamics(NoWarmup, NoConfidenceMask, NoPerturbation, NoEMA, NoLabeledRestyle):
+    """The dynamics as first built here: no warm-up, ramp over the first 10 %, no mask, no perturbation, no EMA,
+    the labeled batch as scanned."""
 
     unsupervised_rampup_fraction = 0.1
 

@@ -270,6 +270,7 @@ def test_dynamics_variants_take_a_step(dataset_copy, in_process_env, cls):
     assert np.isfinite(out["loss"]) and out["unsupervised_weight"] > 0
     if cls in (cps.CPSTrainer_original, diffcl.DiffCLTrainer_original):
         assert not trainer.ema_sources and trainer.pseudo_loss is trainer.loss
+        assert trainer.labeled_appearance == "labeled"  # as first built: the labeled batch as scanned
     if cls is diffcl.DiffCLTrainer_dsScale01:
         assert trainer.diffusion.sampler.signal_scale == 0.1
 
