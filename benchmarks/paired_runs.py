@@ -1,7 +1,8 @@
 """Mean Dice, gap closed and paired wins of every prediction folder in a benchmark's repeat folders, against that
 repeat's labeled-only model and all-labeled reference: the benchmark command's comparison, for models trained
 beside it by hand (single runs of variants in ``repeat_k/nnUNet_results``, predicted into ``repeat_k/predictions``
-and evaluated with ``nnUNetv2_diffcl evaluate``).
+and evaluated with ``nnUNetv2_diffcl evaluate``). A second table gives each trainer's mean +- sd over the repeats
+it was run in (Dice, Dice per class, gap closed).
 
     python benchmarks/paired_runs.py BENCHMARK_OUTPUT_FOLDER
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
 
-from nnunetv2_diffcl.benchmark import LOWER_REFERENCE, case_dice, gap_closed, wins_against
+from nnunetv2_diffcl.benchmark import LOWER_REFERENCE, _mean_sd, case_dice, gap_closed, wins_against
 
 
 def per_case(summary: Path) -> dict[str, dict[str, dict]]:
@@ -29,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     print("| repeat | trainer | Dice | labeled-only | reference | gap closed | wins vs labeled-only |\n"
           "|---|---|---|---|---|---|---|")
+    over_repeats: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for repeat in sorted(args.folder.glob("repeat_*")):
         lower_file = repeat / "predictions" / LOWER_REFERENCE / "summary.json"
         upper_file = repeat / "predictions_reference" / LOWER_REFERENCE / "summary.json"
@@ -39,15 +42,29 @@ def main() -> None:
         upper = mean(case_dice(per_case(upper_file))) if upper_file.exists() else None
         for summary in sorted((repeat / "predictions").glob("*/summary.json")):
             trainer = summary.parent.name
+            record = over_repeats[trainer]
+            for c, stats in json.loads(summary.read_text(encoding="utf-8"))["per_class"].items():
+                record[f"Dice {c}"].append(stats["dice"]["mean"])
             if trainer == LOWER_REFERENCE:
+                record["Dice"].append(mean(lower))
                 continue
             row = {"per_case_dice": per_case(summary)}
             ours = case_dice(row["per_case_dice"])
             wins, n_cases = wins_against(row, lower_row)
             closed = gap_closed(mean(ours), mean(lower), upper)
+            record["Dice"].append(mean(ours))
+            record["gap closed"].append(closed)
             print(f"| {repeat.name} | {trainer} | {mean(ours):.4f} | {mean(lower):.4f} | "
                   f"{'n/a' if upper is None else f'{upper:.4f}'} | "
                   f"{'n/a' if closed is None else f'{closed:+.2f}'} | {wins}/{n_cases} |")
+    print()
+    print("| trainer | repeats | Dice | Dice per class | gap closed |\n|---|---|---|---|---|")
+    for trainer, record in sorted(over_repeats.items()):
+        cells = []
+        for key in ["Dice"] + sorted(k for k in record if k.startswith("Dice ")) + ["gap closed"]:
+            value, sd = _mean_sd(record.get(key, []))
+            cells.append("n/a" if value is None else f"{value:.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+        print(f"| {trainer} | {len(record['Dice'])} | {cells[0]} | {' / '.join(cells[1:-1])} | {cells[-1]} |")
 
 
 if __name__ == "__main__":
