@@ -23,12 +23,12 @@ from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_t
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     DistributionAlignment,
-    FourierLabeled,
     FourierPaste,
     HistogramPaste,
     LateStart,
     NoConfidenceMask,
     NoEMA,
+    NoLabeledRestyle,
     NoPerturbation,
     NoWarmup,
     OriginalDynamics,
@@ -130,8 +130,8 @@ class CPSTrainer_fourierPaste(FourierPaste, CPSTrainer):
     __doc__ = FourierPaste.__doc__
 
 
-class CPSTrainer_fourierLabeled(FourierLabeled, CPSTrainer):
-    __doc__ = FourierLabeled.__doc__
+class CPSTrainer_noLabeledRestyle(NoLabeledRestyle, CPSTrainer):
+    __doc__ = NoLabeledRestyle.__doc__
 
 
 class CPSTrainer_lateStart(LateStart, CPSTrainer):

@@ -101,9 +101,6 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     loss_terms = ("cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "contrast_excess", "ds_cs_dice",
                   "cs_dice_l", "ds_dice_l", "pseudo_kept")
     primary_name = "cs"
-    # the labeled batch in the unlabeled scans' appearance (Fourier amplitude, share ramped with the unsupervised
-    # weight): measured on the domain-shift benchmark, 3 repeats above labeled-only nnU-Net (docs/method.md)
-    labeled_appearance: str = "fourier"
 
     # objective (paper's notation)
     mu1: float = 1.0

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment
-from nnunetv2_diffcl.trainers.semi_supervised import FourierLabeled, SemiSupervisedTrainer
+from nnunetv2_diffcl.trainers.semi_supervised import SemiSupervisedTrainer
 
 
 class LabeledOnlyTrainer(ScheduleFromEnvironment):
@@ -20,10 +20,10 @@ class LabeledOnlyTrainer(ScheduleFromEnvironment):
     beat. Variants change nnUNetTrainer's own attributes, as nnU-Net's variants do."""
 
 
-class LabeledOnlyTrainer_fourierLabeled(FourierLabeled, SemiSupervisedTrainer):
-    """nnU-Net's supervised step on the labeled patches restyled by unlabeled patches (``labeled_appearance``),
-    nothing else: no pseudo-label, no second network. The control that says how much of a semi-supervised
-    trainer's ``_fourierLabeled`` result comes from the unlabeled scans' appearance alone."""
+class LabeledOnlyTrainer_fourierLabeled(SemiSupervisedTrainer):
+    """nnU-Net's supervised step on the labeled patches restyled by unlabeled patches as the semi-supervised
+    trainers restyle them (``labeled_appearance``), nothing else: no pseudo-label, no second network. The control
+    that says how much of a semi-supervised trainer's result comes from the unlabeled scans' appearance alone."""
 
     loss_terms = ("sup",)
 

@@ -196,7 +196,7 @@ def test_styled_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(da
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
 
 
-@pytest.mark.parametrize("cls", [cps.CPSTrainer_fourierLabeled, diffcl.DiffCLTrainer,
+@pytest.mark.parametrize("cls", [cps.CPSTrainer, diffcl.DiffCLTrainer,
                                  labeled_only.LabeledOnlyTrainer_fourierLabeled])
 def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
