@@ -52,6 +52,7 @@ def test_discovery_folder_holds_only_small_reexport_modules():
 
 def test_fresh_interpreter_finds_every_trainer_with_the_variable_unset():
     names = [cls.__name__ for cls in PLUGIN_TRAINERS]
+    assert len(set(names)) == len(names), "PLUGIN_TRAINERS lists a trainer twice"
     result = fresh_python(LOOKUP.format(names=names), {})
     assert result.returncode == 0, result.stderr
     for cls in PLUGIN_TRAINERS:

@@ -66,7 +66,6 @@ PLUGIN_TRAINERS: list = [
     CPSTrainer_fourierPaste,
     CPSTrainer_histogramPaste,
     CPSTrainer_styledPaste,
-    CPSTrainer_noLabeledRestyle,
     CPSTrainer_lateStart,
     CPSTrainer_250epochs,
     DiffCLTrainer,
