@@ -189,7 +189,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     copy_paste_fraction: float = 0.5
     pasted_appearance: str = "labeled"
     # measured on the domain-shift benchmark: DiffCL above labeled-only nnU-Net in 3 of 3 paired repeats with it,
-    # below in 3 of 3 without; CPS above in its one run (docs/method.md, docs/benchmarks.md)
+    # below in 3 of 3 without; CPS above in 2 of 2 with it (docs/method.md, docs/benchmarks.md)
     labeled_appearance: str = "fourier"
     appearance_mix_range: tuple[float, float] = (0.0, 1.0)
     # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
