@@ -17,8 +17,12 @@ from pathlib import Path
 from nnunetv2_diffcl.benchmark import LOWER_REFERENCE, _mean_sd, case_dice, gap_closed, wins_against
 
 
-def per_case(summary: Path) -> dict[str, dict[str, dict]]:
-    return {case["case"]: case["metrics"] for case in json.loads(summary.read_text(encoding="utf-8"))["per_case"]}
+def read(summary: Path) -> dict:
+    return json.loads(summary.read_text(encoding="utf-8"))
+
+
+def per_case(summary: dict) -> dict[str, dict[str, dict]]:
+    return {case["case"]: case["metrics"] for case in summary["per_case"]}
 
 
 def mean(values: dict[str, float]) -> float:
@@ -37,13 +41,13 @@ def main() -> None:
         upper_file = repeat / "predictions_reference" / LOWER_REFERENCE / "summary.json"
         if not lower_file.exists():
             continue
-        lower_row = {"per_case_dice": per_case(lower_file)}
+        lower_row = {"per_case_dice": per_case(read(lower_file))}
         lower = case_dice(lower_row["per_case_dice"])
-        upper = mean(case_dice(per_case(upper_file))) if upper_file.exists() else None
-        for summary in sorted((repeat / "predictions").glob("*/summary.json")):
-            trainer = summary.parent.name
+        upper = mean(case_dice(per_case(read(upper_file)))) if upper_file.exists() else None
+        for path in sorted((repeat / "predictions").glob("*/summary.json")):
+            trainer, summary = path.parent.name, read(path)
             record = over_repeats[trainer]
-            for c, stats in json.loads(summary.read_text(encoding="utf-8"))["per_class"].items():
+            for c, stats in summary["per_class"].items():
                 record[f"Dice {c}"].append(stats["dice"]["mean"])
             if trainer == LOWER_REFERENCE:
                 record["Dice"].append(mean(lower))

@@ -23,12 +23,17 @@ import numpy as np
 DOMAIN = re.compile(r"_d(\d+)$")
 
 
+def domain_of(case: str) -> str:
+    """"d<k>" for a case named ..._d<k>, "all" for any other name."""
+    match = DOMAIN.search(case)
+    return f"d{match.group(1)}" if match else "all"
+
+
 def per_domain(summary: dict) -> dict[str, dict[str, float]]:
     """{domain: {class: mean Dice over that domain's cases}} of one evaluation summary."""
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for case in summary["per_case"]:
-        match = DOMAIN.search(case["case"])
-        domain = f"d{match.group(1)}" if match else "all"
+        domain = domain_of(case["case"])
         for label, metrics in case["metrics"].items():
             scores[domain][label].append(metrics["dice"])
     return {d: {c: float(np.mean(v)) for c, v in sorted(classes.items())} for d, classes in sorted(scores.items())}
@@ -38,8 +43,7 @@ def per_domain_errors(summary: dict) -> dict[str, dict[str, tuple[float, float]]
     """{domain: {class: (false positives, false negatives) per reference voxel}} of one evaluation summary."""
     counts: dict[str, dict[str, np.ndarray]] = defaultdict(lambda: defaultdict(lambda: np.zeros(3)))
     for case in summary["per_case"]:
-        match = DOMAIN.search(case["case"])
-        domain = f"d{match.group(1)}" if match else "all"
+        domain = domain_of(case["case"])
         for label, m in case["metrics"].items():
             reference, prediction = m["n_reference"], m["n_prediction"]
             # nnU-Net's Dice is NaN when both are empty: nothing true, false or missed then
