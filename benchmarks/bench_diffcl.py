@@ -48,6 +48,8 @@ SETTINGS: dict[str, dict] = {
     "head on every voxel": {"head_on_sampled_voxels": False},
     "DS labeled only": {"ds_on_unlabeled": False},
     "unlabeled batch 0.5": {"unlabeled_batch_ratio": 0.5},
+    "unlabeled batch 1/3": {"unlabeled_batch_ratio": 1 / 3},
+    "S=1, unlabeled batch 1/3": {"ddim_steps": 1, "unlabeled_batch_ratio": 1 / 3},
     "no EMA, no copy-paste": {"ema_teacher": False, "student_perturbation": "none"},
 }
 

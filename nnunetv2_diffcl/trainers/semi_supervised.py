@@ -50,6 +50,7 @@ from nnunetv2_diffcl.unlabeled.perturbations import (
     amplitude_mix,
     histogram_match,
     intensity_perturbation,
+    spectrum_clutter,
     uniform_draws,
 )
 from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
@@ -68,7 +69,7 @@ WEIGHT_TERM = "unsupervised_weight"
 PERTURBATIONS = ("none", "copy_paste")
 # how the box pasted from the labeled patch looks: as scanned, or restyled by the unlabeled patch it lands in
 # (its Fourier amplitude, its intensity histogram, or the amplitude first and then the histogram)
-PASTED_APPEARANCES = ("labeled", "fourier", "histogram", "fourier_histogram")
+PASTED_APPEARANCES = ("labeled", "fourier", "histogram", "fourier_histogram", "fourier_clutter")
 # the dynamics an nnUNet_diffcl_* variable may override for one run (a number each)
 DYNAMICS_VARIABLES = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
                       "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
@@ -395,6 +396,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             labeled = amplitude_mix(labeled, unlabeled, weight)
         if "histogram" in appearance:
             labeled = histogram_match(labeled, unlabeled, weight)
+        if "clutter" in appearance:
+            labeled = spectrum_clutter(labeled, unlabeled, weight)
         return labeled
 
     def labeled_input(self, data: torch.Tensor, data_u: torch.Tensor, weight: float) -> torch.Tensor:

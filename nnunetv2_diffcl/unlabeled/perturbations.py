@@ -88,6 +88,31 @@ def amplitude_mix(x: torch.Tensor, style: torch.Tensor, weight: torch.Tensor) ->
     return torch.fft.irfftn(mixed, s=x.shape[2:], dim=dims).to(x.dtype)
 
 
+def spectrum_clutter(x: torch.Tensor, style: torch.Tensor, weight: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (B, C, *spatial) plus a random field with the Fourier amplitude of ``style`` (same shape) and a random
+    phase, ``(x + w field) / sqrt(1 + w^2)`` with w = ``weight`` (one per sample); the field's mean is 0.
+
+    Why: ``amplitude_mix`` keeps x's phase, so all of the style's low-frequency power lands on x's own
+    structures and its organ keeps its contrast in z-scores; a scanner with a strong bias field and noise
+    spreads that power over the whole image instead, which lowers every tissue's contrast. The random-phase
+    field is that power with no structure of its own (nothing to label), and the division keeps the patch's
+    power where it was, so a labeled patch drawn to ``style``'s power keeps it.
+    """
+    if x.shape != style.shape:
+        raise ValueError(f"spectrum_clutter needs x and style of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(style.shape)}")
+    dims = tuple(range(2, x.ndim))
+    amplitude = torch.fft.rfftn(style.float(), dim=dims).abs()
+    amplitude.reshape(*x.shape[:2], -1)[..., 0] = 0.0  # the field adds no constant offset
+    draw_device = generator.device if generator is not None else x.device
+    white = torch.randn(x.shape, generator=generator, device=draw_device).to(x.device)
+    field = torch.fft.irfftn(torch.polar(amplitude, torch.fft.rfftn(white, dim=dims).angle()), s=x.shape[2:],
+                             dim=dims)
+    w = weight.float().reshape((-1,) + (1,) * (x.ndim - 1))
+    return ((x.float() + w * field) / torch.sqrt(1 + w ** 2)).to(x.dtype)
+
+
 def histogram_match(x: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` (B, C, *spatial) moved towards the intensity distribution of ``reference`` (same shape): each voxel
     of a sample and channel takes the value of the same rank in ``reference``, mixed as ``(1 - w) x + w matched``.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nnunetv2_diffcl.trainers import cps, diffcl, labeled_only
+from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import UNLABELED_KEY
 from tests.trainers.test_cps_trainer import clone, make_trainer
 from tests.trainers.test_diffcl_trainer import DiffCLTrainer_tiny, fixed_batch
@@ -221,3 +222,20 @@ def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(d
     trainer.compute_losses = lambda d, *a: seen.append(d) or compute(d, *a)
     out = trainer.train_step(clone(batch))
     assert np.isfinite(out["loss"]) and not torch.equal(seen[0], data)  # the step trained on the restyled batch
+
+
+def test_clutter_labeled_adds_a_zero_mean_field_to_the_fourier_restyle(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    tiny = type("Tiny", (labeled_only.LabeledOnlyTrainer_fourierLabeled,),
+                {"labeled_appearance": "fourier_clutter", "appearance_mix_range": (1.0, 1.0)})
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    source = torch.arange(data.shape[0]) % data_u.shape[0]
+    swapped = amplitude_mix(data, data_u[source], torch.ones(data.shape[0]))
+    restyled = trainer.labeled_input(data, data_u, 1.0)
+    # weight 1: (amplitude-swapped patch + field) / sqrt(2), the field with mean 0 and the style's power
+    dims = tuple(range(1, data.ndim))
+    torch.testing.assert_close(restyled.mean(dim=dims), swapped.mean(dim=dims) / 2 ** 0.5, atol=1e-4, rtol=0)
+    assert not torch.allclose(restyled, swapped / 2 ** 0.5, atol=1e-3)  # the field is there

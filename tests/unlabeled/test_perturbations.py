@@ -11,6 +11,7 @@ from nnunetv2_diffcl.unlabeled.perturbations import (
     gaussian_blur,
     histogram_match,
     intensity_perturbation,
+    spectrum_clutter,
 )
 
 OFF = {"gamma": 0.0, "contrast": (1.0, 1.0), "brightness": 0.0, "noise": 0.0, "blur": (0.0, 0.0)}
@@ -101,6 +102,52 @@ def test_amplitude_mix_of_a_constant_style_keeps_x_but_sets_its_mean():
 def test_amplitude_mix_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         amplitude_mix(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9), torch.zeros(2))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 10), (2, 2, 6, 8, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectrum_clutter_at_zero_weight_is_the_identity(shape, dtype):
+    x, style = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    out = spectrum_clutter(x, style, torch.zeros(shape[0]))
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 10), (2, 2, 6, 8, 10)])
+def test_spectrum_clutter_field_has_the_styles_amplitude_and_no_mean(shape):
+    # x = 0 and w = 1: the output is the field / sqrt(2), so its amplitude is the style's / sqrt(2) at every
+    # frequency but the constant one (0: the field has mean 0)
+    torch.manual_seed(0)
+    style = 3.0 * torch.randn(shape) + 1.0
+    out = spectrum_clutter(torch.zeros(shape), style, torch.ones(shape[0]), torch.Generator().manual_seed(1))
+    dims = tuple(range(2, len(shape)))
+    expected = torch.fft.rfftn(style, dim=dims).abs() / 2 ** 0.5
+    expected.reshape(*shape[:2], -1)[..., 0] = 0.0
+    # random phases need not be a real signal's where a frequency is its own mirror (the Nyquist and constant
+    # lines); irfftn keeps the real part there, so compare the other frequencies
+    spectrum = torch.fft.rfftn(out, dim=dims).abs()
+    inner = (slice(None), slice(None), *[slice(1, (n + 1) // 2) for n in shape[2:-1]], slice(1, (shape[-1] + 1) // 2))
+    torch.testing.assert_close(spectrum[inner], expected[inner], atol=1e-3, rtol=1e-3)
+    assert float(out.mean()) == pytest.approx(0.0, abs=1e-5)
+    # its phase is random: a second generator gives another field of the same amplitude
+    other = spectrum_clutter(torch.zeros(shape), style, torch.ones(shape[0]), torch.Generator().manual_seed(2))
+    assert not torch.allclose(out, other)
+
+
+def test_spectrum_clutter_keeps_the_patch_power_at_equal_power_known_values():
+    # x and the field carry equal power here (x's own amplitude is the style): (x + w f) / sqrt(1 + w^2) has the
+    # power of x for any w, since x and a random-phase field are (nearly) uncorrelated; and x's mean is scaled by
+    # 1 / sqrt(1 + w^2), the field adds none
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 64, 64) + 2.0
+    out = spectrum_clutter(x, x, torch.full((4,), 0.75), torch.Generator().manual_seed(1))  # not x's own draws
+    torch.testing.assert_close(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)) / 1.25, atol=1e-4, rtol=0)
+    assert float(out.var(dim=(1, 2, 3)).mean()) == pytest.approx(float(x.var(dim=(1, 2, 3)).mean()), rel=0.1)
+
+
+def test_spectrum_clutter_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="one shape"):
+        spectrum_clutter(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 9), torch.zeros(2))
 
 
 def test_histogram_match_maps_rank_to_rank_known_values():
