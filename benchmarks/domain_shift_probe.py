@@ -5,12 +5,13 @@ Two measurements with one trained 2d model (e.g. labeled-only nnU-Net of a bench
 the full 64 x 64 slice (the 2d configuration's patch), each image z-scored as nnU-Net normalises it:
 
 - ``restyle``: the model's Dice on each domain's test cases, and on domain 0's test cases restyled by
-  ``amplitude_mix`` with test cases of that domain at weight 0.5 and 1 (what ``pasted_appearance = "fourier"``
-  shows the student). When restyled domain-0 cases score like the real domain, the restyling reproduces the shift.
+  ``amplitude_mix`` with test cases of that domain at weight 0.5 and 1 (what ``labeled_appearance = "fourier"``
+  trains on), or by another ``--appearance`` (``fourier_clutter`` adds ``spectrum_clutter``'s field). When
+  restyled domain-0 cases score like the real domain, the restyling reproduces the shift.
 - ``factors``: the model's Dice on freshly drawn cases of domain 0 and of domain 3 with one style parameter
   swapped between them (``DOMAIN_STYLES``): which property of the shifted domain costs the Dice.
 
-    python benchmarks/domain_shift_probe.py restyle MODEL_FOLDER RAW_DATASET_FOLDER
+    python benchmarks/domain_shift_probe.py restyle MODEL_FOLDER RAW_DATASET_FOLDER [--appearance fourier_clutter]
     python benchmarks/domain_shift_probe.py factors MODEL_FOLDER
 """
 
@@ -26,7 +27,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
-from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix
+from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix, spectrum_clutter
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -55,7 +56,16 @@ class SliceModel:
         return float(np.mean([dice(seg, label, c) for c in (1, 2)]))
 
 
-def restyle(model: SliceModel, raw: Path) -> None:
+def restyled(x: np.ndarray, style: np.ndarray, weight: float, appearance: str) -> np.ndarray:
+    """Slices of ``x`` (z, y, x) in the appearance of ``style``'s as the trainers' ``labeled_appearance`` does it."""
+    x_t, s_t, w = torch.from_numpy(x)[:, None], torch.from_numpy(style)[:, None], torch.full((x.shape[0],), weight)
+    out = amplitude_mix(x_t, s_t, w)
+    if appearance == "fourier_clutter":
+        out = spectrum_clutter(out, s_t, w, torch.Generator().manual_seed(0))
+    return out.numpy()[:, 0]
+
+
+def restyle(model: SliceModel, raw: Path, appearance: str = "fourier") -> None:
     def case(path: Path) -> tuple[np.ndarray, np.ndarray]:
         label = raw / "labelsTs" / path.name.replace("_0000", "")
         return zscore(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), sitk.GetArrayFromImage(
@@ -67,9 +77,7 @@ def restyle(model: SliceModel, raw: Path) -> None:
         cases = [case(p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
         cells = [np.mean([model.mean_dice(x, y) for x, y in cases])]
         for weight in (0.5, 1.0):
-            cells.append(np.mean([model.mean_dice(amplitude_mix(torch.from_numpy(x)[:, None],
-                                                                torch.from_numpy(s)[:, None],
-                                                                torch.full((x.shape[0],), weight)).numpy()[:, 0], y)
+            cells.append(np.mean([model.mean_dice(restyled(x, s, weight, appearance), y)
                                   for (x, y), (s, _) in zip(domain0, cases)]))
         print(f"| domain {d} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
@@ -96,13 +104,15 @@ def main() -> None:
     parser.add_argument("measurement", choices=("restyle", "factors"))
     parser.add_argument("model_folder", type=Path, help="a trained 2d model's folder (holding fold_all)")
     parser.add_argument("raw", type=Path, nargs="?", help="the benchmark's raw dataset folder (restyle)")
+    parser.add_argument("--appearance", choices=("fourier", "fourier_clutter"), default="fourier",
+                        help="how domain-0 cases are restyled (restyle)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = SliceModel(args.model_folder)
     if args.measurement == "restyle":
         if args.raw is None:
             parser.error("restyle needs the raw dataset folder")
-        restyle(model, args.raw)
+        restyle(model, args.raw, args.appearance)
     else:
         factors(model)
 

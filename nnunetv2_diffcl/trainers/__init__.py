@@ -21,6 +21,8 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_100epochs,
     DiffCLTrainer_250epochs,
     DiffCLTrainer_aligned,
+    DiffCLTrainer_cheapStep,
+    DiffCLTrainer_clutterRestyle,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
@@ -44,15 +46,23 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_noWarmup,
     DiffCLTrainer_original,
     DiffCLTrainer_strongIntensity,
+    DiffCLTrainer_strongRestyle,
     DiffCLTrainer_styledPaste,
     DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
-from nnunetv2_diffcl.trainers.labeled_only import LabeledOnlyTrainer, LabeledOnlyTrainer_fourierLabeled
+from nnunetv2_diffcl.trainers.labeled_only import (
+    LabeledOnlyTrainer,
+    LabeledOnlyTrainer_clutterRestyle,
+    LabeledOnlyTrainer_fourierLabeled,
+    LabeledOnlyTrainer_strongRestyle,
+)
 
 PLUGIN_TRAINERS: list = [
     LabeledOnlyTrainer,
     LabeledOnlyTrainer_fourierLabeled,
+    LabeledOnlyTrainer_strongRestyle,
+    LabeledOnlyTrainer_clutterRestyle,
     HFMambaTrainer,
     CPSTrainer,
     CPSTrainer_noWarmup,
@@ -97,6 +107,9 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_styledPaste,
     DiffCLTrainer_noLabeledRestyle,
     DiffCLTrainer_lateStart,
+    DiffCLTrainer_strongRestyle,
+    DiffCLTrainer_clutterRestyle,
+    DiffCLTrainer_cheapStep,
 ]
 
 __all__ = ["PLUGIN_TRAINERS"] + [cls.__name__ for cls in PLUGIN_TRAINERS]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment
-from nnunetv2_diffcl.trainers.semi_supervised import SemiSupervisedTrainer
+from nnunetv2_diffcl.trainers.semi_supervised import ClutterRestyle, SemiSupervisedTrainer, StrongRestyle
 
 
 class LabeledOnlyTrainer(ScheduleFromEnvironment):
@@ -31,3 +31,11 @@ class LabeledOnlyTrainer_fourierLabeled(SemiSupervisedTrainer):
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = self.loss(self.network(data), target)
         return loss, {"sup": loss}
+
+
+class LabeledOnlyTrainer_strongRestyle(StrongRestyle, LabeledOnlyTrainer_fourierLabeled):
+    """The control for ``DiffCLTrainer_strongRestyle``: the same restyle, no pseudo-label."""
+
+
+class LabeledOnlyTrainer_clutterRestyle(ClutterRestyle, LabeledOnlyTrainer_fourierLabeled):
+    """The control for ``DiffCLTrainer_clutterRestyle``: the same restyle, no pseudo-label."""
