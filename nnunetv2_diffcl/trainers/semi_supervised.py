@@ -67,8 +67,9 @@ WEIGHT_TERM = "unsupervised_weight"
 
 
 PERTURBATIONS = ("none", "copy_paste")
-# how the box pasted from the labeled patch looks: as scanned, or restyled by the unlabeled patch it lands in
-# (its Fourier amplitude, its intensity histogram, or the amplitude first and then the histogram)
+# how the box pasted from the labeled patch (pasted_appearance) or the labeled batch (labeled_appearance) looks: as
+# scanned, or restyled by an unlabeled patch (its Fourier amplitude, its intensity histogram, the amplitude first
+# and then the histogram, or the amplitude plus a random-phase field of the same power spectrum)
 PASTED_APPEARANCES = ("labeled", "fourier", "histogram", "fourier_histogram", "fourier_clutter")
 # the dynamics an nnUNet_diffcl_* variable may override for one run (a number each)
 DYNAMICS_VARIABLES = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",

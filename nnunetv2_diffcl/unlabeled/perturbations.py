@@ -104,7 +104,7 @@ def spectrum_clutter(x: torch.Tensor, style: torch.Tensor, weight: torch.Tensor,
                          f"{tuple(style.shape)}")
     dims = tuple(range(2, x.ndim))
     amplitude = torch.fft.rfftn(style.float(), dim=dims).abs()
-    amplitude.reshape(*x.shape[:2], -1)[..., 0] = 0.0  # the field adds no constant offset
+    amplitude[(slice(None), slice(None)) + (0,) * len(dims)] = 0.0  # the field adds no constant offset
     draw_device = generator.device if generator is not None else x.device
     white = torch.randn(x.shape, generator=generator, device=draw_device).to(x.device)
     field = torch.fft.irfftn(torch.polar(amplitude, torch.fft.rfftn(white, dim=dims).angle()), s=x.shape[2:],
