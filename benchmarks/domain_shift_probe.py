@@ -27,7 +27,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
-from nnunetv2_diffcl.unlabeled.perturbations import amplitude_mix, spectrum_clutter
+from nnunetv2_diffcl.unlabeled.perturbations import restyle
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
@@ -58,14 +58,11 @@ class SliceModel:
 
 def restyled(x: np.ndarray, style: np.ndarray, weight: float, appearance: str) -> np.ndarray:
     """Slices of ``x`` (z, y, x) in the appearance of ``style``'s as the trainers' ``labeled_appearance`` does it."""
-    x_t, s_t, w = torch.from_numpy(x)[:, None], torch.from_numpy(style)[:, None], torch.full((x.shape[0],), weight)
-    out = amplitude_mix(x_t, s_t, w)
-    if appearance == "fourier_clutter":
-        out = spectrum_clutter(out, s_t, w, torch.Generator().manual_seed(0))
-    return out.numpy()[:, 0]
+    return restyle(torch.from_numpy(x)[:, None], torch.from_numpy(style)[:, None], appearance,
+                   torch.full((x.shape[0],), weight), torch.Generator().manual_seed(0)).numpy()[:, 0]
 
 
-def restyle(model: SliceModel, raw: Path, appearance: str = "fourier") -> None:
+def restyle_table(model: SliceModel, raw: Path, appearance: str = "fourier") -> None:
     def case(path: Path) -> tuple[np.ndarray, np.ndarray]:
         label = raw / "labelsTs" / path.name.replace("_0000", "")
         return zscore(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), sitk.GetArrayFromImage(
@@ -112,7 +109,7 @@ def main() -> None:
     if args.measurement == "restyle":
         if args.raw is None:
             parser.error("restyle needs the raw dataset folder")
-        restyle(model, args.raw, args.appearance)
+        restyle_table(model, args.raw, args.appearance)
     else:
         factors(model)
 

@@ -46,13 +46,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
 )
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment, override_from_environment
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
-from nnunetv2_diffcl.unlabeled.perturbations import (
-    amplitude_mix,
-    histogram_match,
-    intensity_perturbation,
-    spectrum_clutter,
-    uniform_draws,
-)
+from nnunetv2_diffcl.unlabeled.perturbations import intensity_perturbation, restyle, uniform_draws
 from nnunetv2_diffcl.unlabeled.preprocessing import check_unlabeled_data, unlabeled_folder
 from nnunetv2_diffcl.unlabeled.semi_supervised_loader import (
     UNLABELED_KEY,
@@ -393,13 +387,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if appearance == "labeled" or scale == 0.0:
             return labeled
         weight = scale * uniform_draws(*self.appearance_mix_range, labeled.shape[0], None, labeled.device)
-        if "fourier" in appearance:
-            labeled = amplitude_mix(labeled, unlabeled, weight)
-        if "histogram" in appearance:
-            labeled = histogram_match(labeled, unlabeled, weight)
-        if "clutter" in appearance:
-            labeled = spectrum_clutter(labeled, unlabeled, weight)
-        return labeled
+        return restyle(labeled, unlabeled, appearance, weight)
 
     def labeled_input(self, data: torch.Tensor, data_u: torch.Tensor, weight: float) -> torch.Tensor:
         """The labeled batch the networks are trained on: restyled by ``labeled_appearance`` after the unlabeled

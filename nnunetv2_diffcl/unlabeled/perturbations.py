@@ -129,3 +129,18 @@ def histogram_match(x: torch.Tensor, reference: torch.Tensor, weight: torch.Tens
     matched = torch.empty_like(flat)
     matched.scatter_(-1, ranks, reference.reshape(*x.shape[:2], -1).sort(dim=-1).values.to(x.dtype))
     return torch.lerp(x, matched.reshape(x.shape), weight.to(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)))
+
+
+def restyle(x: torch.Tensor, style: torch.Tensor, appearance: str, weight: torch.Tensor,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` in ``style``'s appearance by the parts ``appearance`` names ("fourier", "histogram", "clutter", in
+    that order, e.g. ``"fourier_clutter"``), each with the per-sample ``weight``; "labeled" leaves x as it is.
+    The one place the trainers' ``pasted_appearance`` / ``labeled_appearance`` and the probes turn a name into
+    transforms."""
+    if "fourier" in appearance:
+        x = amplitude_mix(x, style, weight)
+    if "histogram" in appearance:
+        x = histogram_match(x, style, weight)
+    if "clutter" in appearance:
+        x = spectrum_clutter(x, style, weight, generator)
+    return x
