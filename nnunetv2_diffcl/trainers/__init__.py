@@ -47,6 +47,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_original,
     DiffCLTrainer_strongIntensity,
     DiffCLTrainer_strongRestyle,
+    DiffCLTrainer_studentClutter,
     DiffCLTrainer_styledPaste,
     DiffCLTrainer_uncut,
 )
@@ -109,6 +110,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_lateStart,
     DiffCLTrainer_strongRestyle,
     DiffCLTrainer_clutterRestyle,
+    DiffCLTrainer_studentClutter,
     DiffCLTrainer_cheapStep,
 ]
 

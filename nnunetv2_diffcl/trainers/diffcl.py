@@ -75,6 +75,7 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
     OriginalDynamics,
     SemiSupervisedTrainer,
     StrongRestyle,
+    StudentClutter,
     StyledPaste,
 )
 
@@ -474,6 +475,10 @@ class DiffCLTrainer_strongRestyle(StrongRestyle, DiffCLTrainer):
 
 class DiffCLTrainer_clutterRestyle(ClutterRestyle, DiffCLTrainer):
     __doc__ = ClutterRestyle.__doc__
+
+
+class DiffCLTrainer_studentClutter(StudentClutter, DiffCLTrainer):
+    __doc__ = StudentClutter.__doc__
 
 
 class DiffCLTrainer_cheapStep(DiffCLTrainer):

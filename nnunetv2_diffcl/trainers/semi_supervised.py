@@ -64,7 +64,10 @@ PERTURBATIONS = ("none", "copy_paste")
 # how the box pasted from the labeled patch (pasted_appearance) or the labeled batch (labeled_appearance) looks: as
 # scanned, or restyled by an unlabeled patch (its Fourier amplitude, its intensity histogram, the amplitude first
 # and then the histogram, or the amplitude plus a random-phase field of the same power spectrum)
-PASTED_APPEARANCES = ("labeled", "fourier", "histogram", "fourier_histogram", "fourier_clutter")
+RESTYLES = ("fourier", "histogram", "fourier_histogram", "fourier_clutter")
+PASTED_APPEARANCES = ("labeled",) + RESTYLES
+# the student's unlabeled patch: as scanned, or restyled by another unlabeled patch of the step
+STUDENT_APPEARANCES = ("unlabeled",) + RESTYLES
 # the dynamics an nnUNet_diffcl_* variable may override for one run (a number each)
 DYNAMICS_VARIABLES = {"unsupervised_warmup_fraction": "nnUNet_diffcl_warmup_fraction",
                       "unsupervised_rampup_fraction": "nnUNet_diffcl_rampup_fraction",
@@ -170,6 +173,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
       patch takes the appearance of an unlabeled patch of the step, with a mixing weight drawn from
       ``appearance_mix_range`` times the unsupervised weight (so none during the warm-up): ground truth at the
       supervised loss's full weight in the unlabeled scans' appearance, with no pseudo-label involved;
+    - ``student_appearance``: the same restyles for the student's unlabeled patch (after copy-paste), each patch
+      in the appearance of another unlabeled patch of the step, which its teacher does not see: the teacher's
+      label of a patch it sees as scanned is learnt in another scanner's look; ``"unlabeled"`` keeps it as is;
     - ``ema_teacher`` / ``ema_decay``: pseudo-labels come from an exponential moving average of the teaching
       network instead of the network itself;
     - ``distribution_alignment``: each teacher's probabilities are multiplied by (class share in the labeled
@@ -191,6 +197,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
     # teacher does not see: a weak/strong split aimed at scanner and protocol shift (unlabeled/perturbations.py)
     student_intensity: bool = False
+    student_appearance: str = "unlabeled"
     ema_teacher: bool = True
     ema_decay: float = 0.99
     distribution_alignment: bool = False
@@ -244,6 +251,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if self.labeled_appearance not in PASTED_APPEARANCES:
             raise ValueError(f"{self.__class__.__name__}: labeled_appearance must be one of {PASTED_APPEARANCES}, "
                              f"got {self.labeled_appearance!r}")
+        if self.student_appearance not in STUDENT_APPEARANCES:
+            raise ValueError(f"{self.__class__.__name__}: student_appearance must be one of {STUDENT_APPEARANCES}, "
+                             f"got {self.student_appearance!r}")
         if self.pasted_appearance != "labeled" and self.student_perturbation != "copy_paste":
             raise ValueError(f"{self.__class__.__name__}: pasted_appearance = {self.pasted_appearance!r} restyles the "
                              f"box that copy-paste pastes; it needs student_perturbation = 'copy_paste', got "
@@ -374,6 +384,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             pasted = self.restyled(data[source], data_u)
             student = copy_paste(data_u, pasted, box)
             targets = [copy_paste(t, target_full[source], box) for t in pseudo_targets]
+        if self.student_appearance != "unlabeled":  # sample i in the look of unlabeled sample i - 1
+            student = self.restyled(student, data_u.roll(1, 0), self.student_appearance).to(data_u.dtype)
         if self.student_intensity:
             student = intensity_perturbation(student)
         return student, targets
@@ -399,8 +411,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
 
     @property
     def student_sees_teacher_input(self) -> bool:
-        """Whether the student's unlabeled input is the teacher's (no perturbation of either kind)."""
-        return self.student_perturbation == "none" and not self.student_intensity
+        """Whether the student's unlabeled input is the teacher's (no perturbation of any kind)."""
+        return (self.student_perturbation == "none" and not self.student_intensity
+                and self.student_appearance == "unlabeled")
 
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
@@ -454,7 +467,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         self.print_to_log_file(
             f"Semi-supervised dynamics: warm-up {self.unsupervised_warmup_fraction}, ramp "
             f"{self.unsupervised_rampup_fraction}, pseudo-label threshold {self.pseudo_label_threshold}, student "
-            f"perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, pasted "
+            f"perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, student "
+            f"appearance {self.student_appearance}, pasted "
             f"appearance {self.pasted_appearance}, labeled appearance {self.labeled_appearance}, EMA teacher "
             f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
@@ -685,6 +699,15 @@ class ClutterRestyle:
     spread over the image, which lowers each tissue's contrast as the harder scanners do."""
 
     labeled_appearance = "fourier_clutter"
+
+
+class StudentClutter:
+    """The labeled batch and the student's unlabeled patch both in another unlabeled patch's look, with the clutter
+    field (``labeled_appearance = student_appearance = "fourier_clutter"``): ground truth and the teacher's labels
+    of the scans it reads best, learnt in the hardest scanners' appearance."""
+
+    labeled_appearance = "fourier_clutter"
+    student_appearance = "fourier_clutter"
 
 
 class StyledPaste:

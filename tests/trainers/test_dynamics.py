@@ -131,6 +131,7 @@ def test_late_start_teaches_only_in_the_second_half(dataset_copy, in_process_env
     ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
     ("pasted_appearance", "style", "pasted_appearance must be one of"),
     ("labeled_appearance", "fft", "labeled_appearance must be one of"),
+    ("student_appearance", "labeled", "student_appearance must be one of"),  # a name of the labeled patch
     ("appearance_mix_range", (0.6, 0.2), r"appearance_mix_range must be \(low, high\) with 0 <= low <= high <= 1"),
     ("appearance_mix_range", (0.0, 1.5), r"appearance_mix_range must be \(low, high\)"),
 ])

@@ -142,8 +142,9 @@ def test_schedule_variants_shorten_nnunets_epochs_and_the_variables_still_win(da
     assert unbuilt(dataset_copy, diffcl.DiffCLTrainer_250epochs).num_epochs == 3
 
 
-@pytest.mark.parametrize("cls", [cps.CPSTrainer_strongIntensity, diffcl.DiffCLTrainer_strongIntensity])
-def test_strong_intensity_changes_the_students_patch_not_its_labels(dataset_copy, in_process_env, cls):
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_strongIntensity, diffcl.DiffCLTrainer_strongIntensity,
+                                 diffcl.DiffCLTrainer_studentClutter])
+def test_student_appearance_changes_the_students_patch_not_its_labels(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
     torch.manual_seed(0)
     tiny = type("Tiny", (cls,), {"ddim_steps": 2, "student_perturbation": "none"})
@@ -157,6 +158,25 @@ def test_strong_intensity_changes_the_students_patch_not_its_labels(dataset_copy
     trainer.on_train_epoch_start()
     trainer.ssl_step = 10 ** 6
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
+
+
+def test_student_appearance_is_another_unlabeled_patchs(dataset_copy, in_process_env):
+    """At mixing weight 1 the Fourier restyle gives student patch i the amplitude spectrum of unlabeled patch i - 1
+    (its phase stays, so the teacher's label of patch i still fits)."""
+    in_process_env(dataset_copy)
+    tiny = type("Tiny", (diffcl.DiffCLTrainer,), {"ddim_steps": 2, "student_perturbation": "none",
+                                                  "student_appearance": "fourier", "appearance_mix_range": (1.0, 1.0)})
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    assert data_u.shape[0] >= 2
+    student, _ = trainer.student_input(data, batch["target"][0], data_u, [torch.zeros_like(data_u[:, :1])])
+    dims = tuple(range(2, student.ndim))
+    got, own, other = (torch.fft.fftn(x.double(), dim=dims) for x in (student, data_u, data_u.roll(1, 0)))
+    assert torch.allclose(got.abs(), other.abs(), atol=1e-3)
+    defined = (own.abs() > 1e-3) & (other.abs() > 1e-3)  # where both phases are defined
+    assert torch.allclose(torch.cos(got.angle() - own.angle())[defined], torch.ones(1, dtype=torch.float64),
+                          atol=1e-3)
 
 
 def test_ds_is_compiled_where_nnunet_would_compile(dataset_copy, in_process_env, monkeypatch):
