@@ -38,4 +38,4 @@ class LabeledOnlyTrainer_strongRestyle(StrongRestyle, LabeledOnlyTrainer_fourier
 
 
 class LabeledOnlyTrainer_clutterRestyle(ClutterRestyle, LabeledOnlyTrainer_fourierLabeled):
-    """The control for ``DiffCLTrainer_clutterRestyle``: the same restyle, no pseudo-label."""
+    """The control for DiffCLTrainer's labeled batch: the same restyle (with the clutter field), no pseudo-label."""

@@ -217,7 +217,7 @@ def test_styled_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(da
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
 
 
-@pytest.mark.parametrize("cls", [cps.CPSTrainer, diffcl.DiffCLTrainer,
+@pytest.mark.parametrize("cls", [cps.CPSTrainer, diffcl.DiffCLTrainer_fourierRestyle,
                                  labeled_only.LabeledOnlyTrainer_fourierLabeled])
 def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
@@ -244,11 +244,11 @@ def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(d
     assert np.isfinite(out["loss"]) and not torch.equal(seen[0], data)  # the step trained on the restyled batch
 
 
-def test_clutter_labeled_adds_a_zero_mean_field_to_the_fourier_restyle(dataset_copy, in_process_env):
+@pytest.mark.parametrize("cls", [labeled_only.LabeledOnlyTrainer_clutterRestyle, diffcl.DiffCLTrainer])
+def test_clutter_labeled_adds_a_zero_mean_field_to_the_fourier_restyle(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
     torch.manual_seed(0)
-    tiny = type("Tiny", (labeled_only.LabeledOnlyTrainer_fourierLabeled,),
-                {"labeled_appearance": "fourier_clutter", "appearance_mix_range": (1.0, 1.0)})
+    tiny = type("Tiny", (cls,), {"ddim_steps": 2, "appearance_mix_range": (1.0, 1.0)})
     trainer = make_trainer(dataset_copy, tiny)
     batch = fixed_batch(trainer)
     data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
