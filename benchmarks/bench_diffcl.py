@@ -51,6 +51,18 @@ SETTINGS: dict[str, dict] = {
     "unlabeled batch 1/3": {"unlabeled_batch_ratio": 1 / 3},
     "S=1, unlabeled batch 1/3": {"ddim_steps": 1, "unlabeled_batch_ratio": 1 / 3},
     "no EMA, no copy-paste": {"ema_teacher": False, "student_perturbation": "none"},
+    "DS width 1/4": {"ds_width_fraction": 0.25},
+    "DS width 1/4, labeled only": {"ds_width_fraction": 0.25, "ds_on_unlabeled": False},
+    "unlabeled batch 2/3": {"unlabeled_batch_ratio": 2 / 3},
+    "S=1, DS width 1/4, labeled only, unlabeled batch 2/3": {"ddim_steps": 1, "ds_width_fraction": 0.25,
+                                                              "ds_on_unlabeled": False,
+                                                              "unlabeled_batch_ratio": 2 / 3},
+    "DS width 1/4, labeled only, unlabeled batch 2/3": {"ds_width_fraction": 0.25, "ds_on_unlabeled": False,
+                                                         "unlabeled_batch_ratio": 2 / 3},
+    "DS width 1/8, labeled only, unlabeled batch 2/3": {"ds_width_fraction": 0.125, "ds_on_unlabeled": False,
+                                                         "unlabeled_batch_ratio": 2 / 3},
+    "DS width 1/4, labeled only, unlabeled batch 1/3": {"ds_width_fraction": 0.25, "ds_on_unlabeled": False,
+                                                         "unlabeled_batch_ratio": 1 / 3},
 }
 
 

@@ -34,6 +34,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_histogramPaste,
     DiffCLTrainer_lateStart,
+    DiffCLTrainer_leanStep,
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_noAgreement,
     DiffCLTrainer_noConfidenceMask,
@@ -110,6 +111,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_lateStart,
     DiffCLTrainer_strongRestyle,
     DiffCLTrainer_fourierRestyle,
+    DiffCLTrainer_leanStep,
     DiffCLTrainer_studentClutter,
     DiffCLTrainer_cheapStep,
 ]
