@@ -472,7 +472,6 @@ class DiffCLTrainer_styledPaste(StyledPaste, DiffCLTrainer):
     __doc__ = StyledPaste.__doc__
 
 
-
 class DiffCLTrainer_leanStep(DiffCLTrainer):
     """A step at about 2.25x nnU-Net's on the CPU (the default's 3.3x): DS at a quarter of the planned width and
     trained on the labeled batch only, two unlabeled patches per three labeled; DS's pseudo-labels keep S = 2
