@@ -4,6 +4,7 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer,
     CPSTrainer_250epochs,
     CPSTrainer_aligned,
+    CPSTrainer_bgThreshold,
     CPSTrainer_fourierPaste,
     CPSTrainer_histogramPaste,
     CPSTrainer_lateStart,
@@ -21,6 +22,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_100epochs,
     DiffCLTrainer_250epochs,
     DiffCLTrainer_aligned,
+    DiffCLTrainer_bgThreshold,
     DiffCLTrainer_cheapStep,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
@@ -113,6 +115,8 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_fourierRestyle,
     DiffCLTrainer_leanStep,
     DiffCLTrainer_studentClutter,
+    DiffCLTrainer_bgThreshold,
+    CPSTrainer_bgThreshold,
     DiffCLTrainer_cheapStep,
 ]
 

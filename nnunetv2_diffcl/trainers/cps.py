@@ -22,6 +22,7 @@ import torch
 from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_targets, split_batch, targets_like
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
+    BackgroundThreshold,
     DistributionAlignment,
     FourierPaste,
     HistogramPaste,
@@ -144,3 +145,7 @@ class CPSTrainer_histogramPaste(HistogramPaste, CPSTrainer):
 
 class CPSTrainer_styledPaste(StyledPaste, CPSTrainer):
     __doc__ = StyledPaste.__doc__
+
+
+class CPSTrainer_bgThreshold(BackgroundThreshold, CPSTrainer):
+    __doc__ = BackgroundThreshold.__doc__

@@ -62,6 +62,7 @@ from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
+    BackgroundThreshold,
     DistributionAlignment,
     FourierPaste,
     HistogramPaste,
@@ -497,6 +498,10 @@ class DiffCLTrainer_strongRestyle(StrongRestyle, DiffCLTrainer_fourierRestyle):
 
 class DiffCLTrainer_studentClutter(StudentClutter, DiffCLTrainer):
     __doc__ = StudentClutter.__doc__
+
+
+class DiffCLTrainer_bgThreshold(BackgroundThreshold, DiffCLTrainer):
+    __doc__ = BackgroundThreshold.__doc__
 
 
 class DiffCLTrainer_cheapStep(DiffCLTrainer):

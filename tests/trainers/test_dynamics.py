@@ -132,6 +132,7 @@ def test_late_start_teaches_only_in_the_second_half(dataset_copy, in_process_env
     ("pasted_appearance", "style", "pasted_appearance must be one of"),
     ("labeled_appearance", "fft", "labeled_appearance must be one of"),
     ("student_appearance", "labeled", "student_appearance must be one of"),  # a name of the labeled patch
+    ("background_threshold", 1.0, "background_threshold must lie strictly between 0 and 1"),
     ("appearance_mix_range", (0.6, 0.2), r"appearance_mix_range must be \(low, high\) with 0 <= low <= high <= 1"),
     ("appearance_mix_range", (0.0, 1.5), r"appearance_mix_range must be \(low, high\)"),
 ])
@@ -140,6 +141,20 @@ def test_bad_dynamics_are_refused_before_training(dataset_copy, in_process_env, 
     bad = type("Bad", (cps.CPSTrainer,), {attribute: value})
     with pytest.raises(ValueError, match=message):
         unbuilt(dataset_copy, bad)
+
+
+def test_background_threshold_leaves_unsure_background_out(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    trainer = unbuilt(dataset_copy, cps.CPSTrainer_bgThreshold)
+    k = trainer.ignore_value  # 3 classes: background, 1, 2
+    # voxels: background at p 0.95 and at 0.9995, class 1 at p 0.95, background at 0.5 (under 0.9 already)
+    p = torch.tensor([[0.95, 0.025, 0.025], [0.9995, 0.00025, 0.00025], [0.025, 0.95, 0.025], [0.5, 0.3, 0.2]])
+    logits = torch.log(p).T.reshape(1, 3, 4)
+    label, target = trainer.pseudo_target(logits)
+    assert label.flatten().tolist() == [0, 0, 1, 0]
+    assert target.flatten().tolist() == [k, 0, 1, k]  # 0.95 is enough for class 1, not for background
+    trainer.background_threshold = None
+    assert trainer.pseudo_target(logits)[1].flatten().tolist() == [0, 0, 1, k]  # the plain threshold 0.9
 
 
 def test_fourier_appearance_without_copy_paste_is_refused(dataset_copy, in_process_env):
