@@ -10,9 +10,13 @@ the full 64 x 64 slice (the 2d configuration's patch), each image z-scored as nn
   restyled domain-0 cases score like the real domain, the restyling reproduces the shift.
 - ``factors``: the model's Dice on freshly drawn cases of domain 0 and of domain 3 with one style parameter
   swapped between them (``DOMAIN_STYLES``): which property of the shifted domain costs the Dice.
+- ``confidence``: per domain, how sure the model is of the background it predicts, on the foreground voxels it
+  misses and on the true background: the share of each at p(background) >= 0.9, 0.99 and 0.999, i.e. what a
+  pseudo-label threshold on background (``background_threshold``) would keep of each.
 
     python benchmarks/domain_shift_probe.py restyle MODEL_FOLDER RAW_DATASET_FOLDER [--appearance fourier_clutter]
     python benchmarks/domain_shift_probe.py factors MODEL_FOLDER
+    python benchmarks/domain_shift_probe.py confidence MODEL_FOLDER RAW_DATASET_FOLDER
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ class SliceModel:
         self.network = predictor.network.eval()
 
     @torch.no_grad()
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Softmax probabilities (z, K, y, x) of the (z, y, x) ``image``'s slices."""
+        out = self.network(torch.from_numpy(image)[:, None])
+        return torch.softmax(out[0] if isinstance(out, (list, tuple)) else out, 1).numpy()
+
+    @torch.no_grad()
     def mean_dice(self, image: np.ndarray, label: np.ndarray) -> float:
         """Mean Dice over the two foreground classes of the (z, y, x) ``image``'s slice-wise segmentation."""
         out = self.network(torch.from_numpy(image)[:, None])
@@ -63,20 +73,39 @@ def restyled(x: np.ndarray, style: np.ndarray, weight: float, appearance: str) -
 
 
 def restyle_table(model: SliceModel, raw: Path, appearance: str = "fourier") -> None:
-    def case(path: Path) -> tuple[np.ndarray, np.ndarray]:
-        label = raw / "labelsTs" / path.name.replace("_0000", "")
-        return zscore(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), sitk.GetArrayFromImage(
-            sitk.ReadImage(str(label)))
-
-    domain0 = [case(p) for p in sorted((raw / "imagesTs").glob("*_d0_0000.nii.gz"))]
+    domain0 = [load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob("*_d0_0000.nii.gz"))]
     print("| test cases of | real | domain 0 restyled, weight 0.5 | domain 0 restyled, weight 1 |\n|---|---|---|---|")
     for d in range(len(DOMAIN_STYLES)):
-        cases = [case(p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
+        cases = [load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
         cells = [np.mean([model.mean_dice(x, y) for x, y in cases])]
         for weight in (0.5, 1.0):
             cells.append(np.mean([model.mean_dice(restyled(x, s, weight, appearance), y)
                                   for (x, y), (s, _) in zip(domain0, cases)]))
         print(f"| domain {d} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+def load_test_case(raw: Path, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A test image (z-scored) and its label."""
+    label = raw / "labelsTs" / path.name.replace("_0000", "")
+    return zscore(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+
+
+def confidence_table(model: SliceModel, raw: Path, thresholds: tuple[float, ...] = (0.9, 0.99, 0.999)) -> None:
+    head = " | ".join(f">= {t}" for t in thresholds)
+    print(f"| test cases of | missed foreground voxels | p(background) of them: {head} | true background: {head} |\n"
+          f"|---|---|{'---|' * 2 * len(thresholds)}")
+    for d in range(len(DOMAIN_STYLES)):
+        missed, background = [], []
+        for path in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz")):
+            image, label = load_test_case(raw, path)
+            probabilities = model.probabilities(image)
+            predicted_background = probabilities.argmax(1) == 0
+            missed.append(probabilities[:, 0][(label > 0) & predicted_background])
+            background.append(probabilities[:, 0][(label == 0) & predicted_background])
+        missed_all, background_all = np.concatenate(missed), np.concatenate(background)
+        cells = [f"{(missed_all >= t).mean():.2f}" for t in thresholds]
+        cells += [f"{(background_all >= t).mean():.3f}" for t in thresholds]
+        print(f"| domain {d} | {missed_all.size} | " + " | ".join(cells) + " |")
 
 
 def factors(model: SliceModel, cases: int = 8) -> None:
@@ -98,18 +127,21 @@ def factors(model: SliceModel, cases: int = 8) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("measurement", choices=("restyle", "factors"))
+    parser.add_argument("measurement", choices=("restyle", "factors", "confidence"))
     parser.add_argument("model_folder", type=Path, help="a trained 2d model's folder (holding fold_all)")
-    parser.add_argument("raw", type=Path, nargs="?", help="the benchmark's raw dataset folder (restyle)")
+    parser.add_argument("raw", type=Path, nargs="?", help="the benchmark's raw dataset folder (restyle, confidence)")
     parser.add_argument("--appearance", choices=("fourier", "fourier_clutter"), default="fourier",
                         help="how domain-0 cases are restyled (restyle)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = SliceModel(args.model_folder)
-    if args.measurement == "restyle":
+    if args.measurement in ("restyle", "confidence"):
         if args.raw is None:
-            parser.error("restyle needs the raw dataset folder")
-        restyle_table(model, args.raw, args.appearance)
+            parser.error(f"{args.measurement} needs the raw dataset folder")
+        if args.measurement == "restyle":
+            restyle_table(model, args.raw, args.appearance)
+        else:
+            confidence_table(model, args.raw)
     else:
         factors(model)
 
