@@ -5,6 +5,7 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer_250epochs,
     CPSTrainer_aligned,
     CPSTrainer_bgThreshold,
+    CPSTrainer_clutterRestyle,
     CPSTrainer_fourierPaste,
     CPSTrainer_histogramPaste,
     CPSTrainer_lateStart,
@@ -117,6 +118,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_studentClutter,
     DiffCLTrainer_bgThreshold,
     CPSTrainer_bgThreshold,
+    CPSTrainer_clutterRestyle,
     DiffCLTrainer_cheapStep,
 ]
 

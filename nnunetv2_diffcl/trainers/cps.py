@@ -23,6 +23,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import full_resolution, pseudo_label_t
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     BackgroundThreshold,
+    ClutterRestyle,
     DistributionAlignment,
     FourierPaste,
     HistogramPaste,
@@ -149,3 +150,8 @@ class CPSTrainer_styledPaste(StyledPaste, CPSTrainer):
 
 class CPSTrainer_bgThreshold(BackgroundThreshold, CPSTrainer):
     __doc__ = BackgroundThreshold.__doc__
+
+
+class CPSTrainer_clutterRestyle(ClutterRestyle, CPSTrainer):
+    """CPS with DiffCLTrainer's default restyle of the labeled batch: the Fourier amplitude plus the clutter field
+    (``ClutterRestyle``); CPSTrainer itself keeps the Fourier restyle alone until this is measured."""
