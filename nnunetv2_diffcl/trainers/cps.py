@@ -154,4 +154,5 @@ class CPSTrainer_bgThreshold(BackgroundThreshold, CPSTrainer):
 
 class CPSTrainer_clutterRestyle(ClutterRestyle, CPSTrainer):
     """CPS with DiffCLTrainer's default restyle of the labeled batch: the Fourier amplitude plus the clutter field
-    (``ClutterRestyle``); CPSTrainer itself keeps the Fourier restyle alone until this is measured."""
+    (``ClutterRestyle``). Measured (repeat 1): 0.650 against CPSTrainer's 0.629; CPSTrainer keeps the Fourier restyle
+    alone until more repeats are run."""
