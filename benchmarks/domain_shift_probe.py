@@ -58,11 +58,9 @@ class SliceModel:
         out = self.network(torch.from_numpy(image)[:, None])
         return torch.softmax(out[0] if isinstance(out, (list, tuple)) else out, 1).numpy()
 
-    @torch.no_grad()
     def mean_dice(self, image: np.ndarray, label: np.ndarray) -> float:
         """Mean Dice over the two foreground classes of the (z, y, x) ``image``'s slice-wise segmentation."""
-        out = self.network(torch.from_numpy(image)[:, None])
-        seg = (out[0] if isinstance(out, (list, tuple)) else out).argmax(1).numpy()
+        seg = self.probabilities(image).argmax(1)
         return float(np.mean([dice(seg, label, c) for c in (1, 2)]))
 
 
