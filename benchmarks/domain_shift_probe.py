@@ -10,6 +10,10 @@ the full 64 x 64 slice (the 2d configuration's patch), each image z-scored as nn
   restyled domain-0 cases score like the real domain, the restyling reproduces the shift.
 - ``factors``: the model's Dice on freshly drawn cases of domain 0 and of domain 3 with one style parameter
   swapped between them (``DOMAIN_STYLES``): which property of the shifted domain costs the Dice.
+- ``views``: per domain, the model's Dice (organ / lesion) on each test case as scanned, smoothed (a Gaussian of
+  sigma 1 or 2 voxels in plane, then z-scored again: less noise), and restyled towards a domain-0 test case
+  (``amplitude_mix`` at weight 0.5 and 1: the labeled scanner's look), alone and averaged with the scanned view's
+  probabilities: whether a teacher that saw an easier view of an unlabeled patch would label it better.
 - ``confidence``: per domain, how sure the model is of the background it predicts, on the foreground voxels it
   misses and on the true background: the share of each at p(background) >= 0.9, 0.99 and 0.999, i.e. what a
   pseudo-label threshold on background (``background_threshold``) would keep of each.
@@ -17,6 +21,7 @@ the full 64 x 64 slice (the 2d configuration's patch), each image z-scored as nn
     python benchmarks/domain_shift_probe.py restyle MODEL_FOLDER RAW_DATASET_FOLDER [--appearance fourier_clutter]
     python benchmarks/domain_shift_probe.py factors MODEL_FOLDER
     python benchmarks/domain_shift_probe.py confidence MODEL_FOLDER RAW_DATASET_FOLDER
+    python benchmarks/domain_shift_probe.py views MODEL_FOLDER RAW_DATASET_FOLDER
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from scipy import ndimage
 
 from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES, make_domain_case
+from nnunetv2_diffcl.trainers.semi_supervised import RESTYLES
 from nnunetv2_diffcl.unlabeled.perturbations import restyle
 
 
@@ -106,6 +113,35 @@ def confidence_table(model: SliceModel, raw: Path, thresholds: tuple[float, ...]
         print(f"| domain {d} | {missed_all.size} | " + " | ".join(cells) + " |")
 
 
+def views_table(model: SliceModel, raw: Path) -> None:
+    domain0 = [load_test_case(raw, p)[0] for p in sorted((raw / "imagesTs").glob("*_d0_0000.nii.gz"))]
+    views = {"as scanned": lambda x, k: x}
+    for sigma in (1.0, 2.0):
+        views[f"smoothed, sigma {sigma:g}"] = lambda x, k, s=sigma: zscore(ndimage.gaussian_filter(x, (0, s, s)))
+    for weight in (0.5, 1.0):  # towards another domain-0 case than the case's own index
+        views[f"domain-0 look, weight {weight:g}"] = (
+            lambda x, k, w=weight: zscore(restyled(x, domain0[(k + 1) % len(domain0)], w, "fourier")))
+    cases = [[load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
+             for d in range(len(DOMAIN_STYLES))]
+    scanned = [[model.probabilities(x) for x, _ in domain] for domain in cases]
+    head = " | ".join(f"domain {d}" for d in range(len(cases)))
+    print(f"| view | {head} | mean |\n|---|" + "---|" * (len(cases) + 1))
+    for name, view in views.items():
+        for averaged in (False, True) if name != "as scanned" else (False,):
+            cells, values = [], []
+            for domain, probabilities in zip(cases, scanned):
+                organ, lesion = [], []
+                for k, ((x, y), p) in enumerate(zip(domain, probabilities)):
+                    q = model.probabilities(view(x, k))
+                    seg = ((q + p) / 2 if averaged else q).argmax(1)
+                    organ.append(dice(seg, y, 1))
+                    lesion.append(dice(seg, y, 2))
+                cells.append(f"{np.mean(organ):.3f} / {np.mean(lesion):.3f}")
+                values += [np.mean(organ), np.mean(lesion)]
+            label = f"{name}, averaged with as scanned" if averaged else name
+            print(f"| {label} | " + " | ".join(cells) + f" | {np.mean(values):.3f} |")
+
+
 def factors(model: SliceModel, cases: int = 8) -> None:
     def score(style) -> float:
         values = []
@@ -125,21 +161,21 @@ def factors(model: SliceModel, cases: int = 8) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("measurement", choices=("restyle", "factors", "confidence"))
+    parser.add_argument("measurement", choices=("restyle", "factors", "confidence", "views"))
     parser.add_argument("model_folder", type=Path, help="a trained 2d model's folder (holding fold_all)")
-    parser.add_argument("raw", type=Path, nargs="?", help="the benchmark's raw dataset folder (restyle, confidence)")
-    parser.add_argument("--appearance", choices=("fourier", "fourier_clutter"), default="fourier",
+    parser.add_argument("raw", type=Path, nargs="?",
+                        help="the benchmark's raw dataset folder (restyle, confidence, views)")
+    parser.add_argument("--appearance", choices=RESTYLES, default="fourier",
                         help="how domain-0 cases are restyled (restyle)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = SliceModel(args.model_folder)
-    if args.measurement in ("restyle", "confidence"):
+    if args.measurement in ("restyle", "confidence", "views"):
         if args.raw is None:
             parser.error(f"{args.measurement} needs the raw dataset folder")
-        if args.measurement == "restyle":
-            restyle_table(model, args.raw, args.appearance)
-        else:
-            confidence_table(model, args.raw)
+        {"restyle": lambda: restyle_table(model, args.raw, args.appearance),
+         "confidence": lambda: confidence_table(model, args.raw),
+         "views": lambda: views_table(model, args.raw)}[args.measurement]()
     else:
         factors(model)
 
