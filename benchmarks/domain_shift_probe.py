@@ -16,7 +16,9 @@ the full 64 x 64 slice (the 2d configuration's patch), each image z-scored as nn
   probabilities: whether a teacher that saw an easier view of an unlabeled patch would label it better.
 - ``confidence``: per domain, how sure the model is of the background it predicts, on the foreground voxels it
   misses and on the true background: the share of each at p(background) >= 0.9, 0.99 and 0.999, i.e. what a
-  pseudo-label threshold on background (``background_threshold``) would keep of each.
+  pseudo-label threshold on background (``background_threshold``) would keep of each; and the share of the missed
+  voxels that lie in slices where the model predicts no foreground at all (the structure not found, rather than
+  its border missed).
 
     python benchmarks/domain_shift_probe.py restyle MODEL_FOLDER RAW_DATASET_FOLDER [--appearance fourier_clutter]
     python benchmarks/domain_shift_probe.py factors MODEL_FOLDER
@@ -54,10 +56,14 @@ def dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
 class SliceModel:
     """A trained 2d nnU-Net model applied to whole slices (no sliding window: slice = patch here)."""
 
-    def __init__(self, model_folder: Path) -> None:
+    def __init__(self, model_folder: Path, network: str | None = None) -> None:
         predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
         predictor.initialize_from_trained_model_folder(str(model_folder), ("all",), "checkpoint_final.pth")
         self.network = predictor.network.eval()
+        if network is not None:  # another network of a semi-supervised checkpoint, e.g. CS's EMA teacher
+            checkpoint = torch.load(model_folder / "fold_all" / "checkpoint_final.pth", map_location="cpu",
+                                    weights_only=False)
+            self.network.load_state_dict(checkpoint["semi_supervised"]["networks"][network])
 
     @torch.no_grad()
     def probabilities(self, image: np.ndarray) -> np.ndarray:
@@ -97,18 +103,21 @@ def load_test_case(raw: Path, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def confidence_table(model: SliceModel, raw: Path, thresholds: tuple[float, ...] = (0.9, 0.99, 0.999)) -> None:
     head = " | ".join(f">= {t}" for t in thresholds)
-    print(f"| test cases of | missed foreground voxels | p(background) of them: {head} | true background: {head} |\n"
-          f"|---|---|{'---|' * 2 * len(thresholds)}")
+    print(f"| test cases of | missed foreground voxels | of them in slices with no foreground predicted | "
+          f"p(background) of them: {head} | true background: {head} |\n|---|---|---|{'---|' * 2 * len(thresholds)}")
     for d in range(len(DOMAIN_STYLES)):
-        missed, background = [], []
+        missed, background, in_empty = [], [], 0
         for path in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz")):
             image, label = load_test_case(raw, path)
             probabilities = model.probabilities(image)
             predicted_background = probabilities.argmax(1) == 0
             missed.append(probabilities[:, 0][(label > 0) & predicted_background])
             background.append(probabilities[:, 0][(label == 0) & predicted_background])
+            empty_slices = predicted_background.all(axis=(1, 2))  # the model finds nothing in these slices
+            in_empty += int(((label > 0) & predicted_background)[empty_slices].sum())
         missed_all, background_all = np.concatenate(missed), np.concatenate(background)
-        cells = [f"{(missed_all >= t).mean():.2f}" for t in thresholds]
+        cells = [f"{in_empty / max(missed_all.size, 1):.2f}"]
+        cells += [f"{(missed_all >= t).mean():.2f}" for t in thresholds]
         cells += [f"{(background_all >= t).mean():.3f}" for t in thresholds]
         print(f"| domain {d} | {missed_all.size} | " + " | ".join(cells) + " |")
 
@@ -167,9 +176,12 @@ def main() -> None:
                         help="the benchmark's raw dataset folder (restyle, confidence, views)")
     parser.add_argument("--appearance", choices=RESTYLES, default="fourier",
                         help="how domain-0 cases are restyled (restyle)")
+    parser.add_argument("--network", default=None,
+                        help="measure another network of a semi-supervised checkpoint instead of the trained one "
+                             "(e.g. cs_ema, DiffCL's and CPS's EMA teacher)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = SliceModel(args.model_folder)
+    model = SliceModel(args.model_folder, args.network)
     if args.measurement in ("restyle", "confidence", "views"):
         if args.raw is None:
             parser.error(f"{args.measurement} needs the raw dataset folder")
