@@ -178,7 +178,7 @@ def main() -> None:
                         help="how domain-0 cases are restyled (restyle)")
     parser.add_argument("--network", default=None,
                         help="measure another network of a semi-supervised checkpoint instead of the trained one "
-                             "(e.g. cs_ema, DiffCL's and CPS's EMA teacher)")
+                             "(e.g. DiffCL's EMA teacher cs_ema; CPS's ema_a, ema_b, network_b)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = SliceModel(args.model_folder, args.network)
