@@ -84,10 +84,10 @@ def restyled(x: np.ndarray, style: np.ndarray, weight: float, appearance: str) -
 
 
 def restyle_table(model: SliceModel, raw: Path, appearance: str = "fourier") -> None:
-    domain0 = [load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob("*_d0_0000.nii.gz"))]
+    domain0 = domain_test_cases(raw, 0)
     print("| test cases of | real | domain 0 restyled, weight 0.5 | domain 0 restyled, weight 1 |\n|---|---|---|---|")
     for d in range(len(DOMAIN_STYLES)):
-        cases = [load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
+        cases = domain_test_cases(raw, d)
         cells = [np.mean([model.mean_dice(x, y) for x, y in cases])]
         for weight in (0.5, 1.0):
             cells.append(np.mean([model.mean_dice(restyled(x, s, weight, appearance), y)
@@ -101,14 +101,18 @@ def load_test_case(raw: Path, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return zscore(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
 
 
+def domain_test_cases(raw: Path, domain: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every test case of one appearance domain (case ids end in ``_d{domain}``), as ``load_test_case`` gives it."""
+    return [load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob(f"*_d{domain}_0000.nii.gz"))]
+
+
 def confidence_table(model: SliceModel, raw: Path, thresholds: tuple[float, ...] = (0.9, 0.99, 0.999)) -> None:
     head = " | ".join(f">= {t}" for t in thresholds)
     print(f"| test cases of | missed foreground voxels | of them in slices with no foreground predicted | "
           f"p(background) of them: {head} | true background: {head} |\n|---|---|---|{'---|' * 2 * len(thresholds)}")
     for d in range(len(DOMAIN_STYLES)):
         missed, background, in_empty = [], [], 0
-        for path in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz")):
-            image, label = load_test_case(raw, path)
+        for image, label in domain_test_cases(raw, d):
             probabilities = model.probabilities(image)
             predicted_background = probabilities.argmax(1) == 0
             missed.append(probabilities[:, 0][(label > 0) & predicted_background])
@@ -123,32 +127,34 @@ def confidence_table(model: SliceModel, raw: Path, thresholds: tuple[float, ...]
 
 
 def views_table(model: SliceModel, raw: Path) -> None:
-    domain0 = [load_test_case(raw, p)[0] for p in sorted((raw / "imagesTs").glob("*_d0_0000.nii.gz"))]
-    views = {"as scanned": lambda x, k: x}
+    domain0 = [x for x, _ in domain_test_cases(raw, 0)]
+    views = {}
     for sigma in (1.0, 2.0):
         views[f"smoothed, sigma {sigma:g}"] = lambda x, k, s=sigma: zscore(ndimage.gaussian_filter(x, (0, s, s)))
     for weight in (0.5, 1.0):  # towards another domain-0 case than the case's own index
         views[f"domain-0 look, weight {weight:g}"] = (
             lambda x, k, w=weight: zscore(restyled(x, domain0[(k + 1) % len(domain0)], w, "fourier")))
-    cases = [[load_test_case(raw, p) for p in sorted((raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))]
-             for d in range(len(DOMAIN_STYLES))]
+    cases = [domain_test_cases(raw, d) for d in range(len(DOMAIN_STYLES))]
     scanned = [[model.probabilities(x) for x, _ in domain] for domain in cases]
+
+    def row(label: str, probabilities: list[list[np.ndarray]]) -> None:
+        """One table row: organ / lesion Dice per domain of the segmentations ``probabilities[d][k].argmax(1)``."""
+        cells, values = [], []
+        for domain, domain_probabilities in zip(cases, probabilities):
+            segs = [p.argmax(1) for p in domain_probabilities]
+            organ, lesion = (float(np.mean([dice(seg, y, c) for seg, (_, y) in zip(segs, domain)])) for c in (1, 2))
+            cells.append(f"{organ:.3f} / {lesion:.3f}")
+            values += [organ, lesion]
+        print(f"| {label} | " + " | ".join(cells) + f" | {np.mean(values):.3f} |")
+
     head = " | ".join(f"domain {d}" for d in range(len(cases)))
     print(f"| view | {head} | mean |\n|---|" + "---|" * (len(cases) + 1))
+    row("as scanned", scanned)
     for name, view in views.items():
-        for averaged in (False, True) if name != "as scanned" else (False,):
-            cells, values = [], []
-            for domain, probabilities in zip(cases, scanned):
-                organ, lesion = [], []
-                for k, ((x, y), p) in enumerate(zip(domain, probabilities)):
-                    q = model.probabilities(view(x, k))
-                    seg = ((q + p) / 2 if averaged else q).argmax(1)
-                    organ.append(dice(seg, y, 1))
-                    lesion.append(dice(seg, y, 2))
-                cells.append(f"{np.mean(organ):.3f} / {np.mean(lesion):.3f}")
-                values += [np.mean(organ), np.mean(lesion)]
-            label = f"{name}, averaged with as scanned" if averaged else name
-            print(f"| {label} | " + " | ".join(cells) + f" | {np.mean(values):.3f} |")
+        seen = [[model.probabilities(view(x, k)) for k, (x, _) in enumerate(domain)] for domain in cases]
+        row(name, seen)
+        row(f"{name}, averaged with as scanned",
+            [[(q + p) / 2 for q, p in zip(*pair)] for pair in zip(seen, scanned)])
 
 
 def factors(model: SliceModel, cases: int = 8) -> None:
