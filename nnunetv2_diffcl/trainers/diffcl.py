@@ -66,6 +66,7 @@ from nnunetv2_diffcl.trainers.semi_supervised import (
     DistributionAlignment,
     FourierPaste,
     HistogramPaste,
+    IgnoreEmpty,
     LateStart,
     NoConfidenceMask,
     NoEMA,
@@ -513,6 +514,10 @@ class DiffCLTrainer_studentClutter(StudentClutter, DiffCLTrainer):
 
 class DiffCLTrainer_bgThreshold(BackgroundThreshold, DiffCLTrainer):
     __doc__ = BackgroundThreshold.__doc__
+
+
+class DiffCLTrainer_ignoreEmpty(IgnoreEmpty, DiffCLTrainer):
+    __doc__ = IgnoreEmpty.__doc__
 
 
 class DiffCLTrainer_cheapStep(DiffCLTrainer):

@@ -157,6 +157,24 @@ def test_background_threshold_leaves_unsure_background_out(dataset_copy, in_proc
     assert trainer.pseudo_target(logits)[1].flatten().tolist() == [0, 0, 1, k]  # the plain threshold 0.9
 
 
+def test_patches_the_teacher_finds_empty_leave_the_pseudo_label_loss(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    trainer = unbuilt(dataset_copy, diffcl.DiffCLTrainer_ignoreEmpty)
+    k = trainer.ignore_value
+    # two patches of 3 voxels: the first has one confident class-1 voxel, the second is confident background only
+    p = torch.tensor([[[0.95, 0.03, 0.02], [0.02, 0.95, 0.03], [0.5, 0.3, 0.2]],
+                      [[0.95, 0.03, 0.02], [0.99, 0.005, 0.005], [0.97, 0.02, 0.01]]])
+    logits = torch.log(p).transpose(1, 2)  # (B, K, voxels)
+    label, target = trainer.pseudo_target(logits)
+    assert label[:, 0].tolist() == [[0, 1, 0], [0, 0, 0]]
+    assert target[:, 0].tolist() == [[0, 1, k], [k, k, k]]  # the empty patch teaches nothing, not background
+    # keep= masks on top; with the attribute off the empty patch's confident background counts
+    assert trainer.pseudo_target(logits, keep=torch.tensor([[[True, False, True]]] * 2))[1][:, 0].tolist() == [
+        [0, k, k], [k, k, k]]
+    trainer.ignore_empty_pseudo_labels = False
+    assert trainer.pseudo_target(logits)[1][:, 0].tolist() == [[0, 1, k], [0, 0, 0]]
+
+
 def test_fourier_appearance_without_copy_paste_is_refused(dataset_copy, in_process_env):
     in_process_env(dataset_copy)
     bad = type("Bad", (cps.CPSTrainer_fourierPaste,), {"student_perturbation": "none"})
