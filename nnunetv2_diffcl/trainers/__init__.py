@@ -24,6 +24,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_250epochs,
     DiffCLTrainer_aligned,
     DiffCLTrainer_bgThreshold,
+    DiffCLTrainer_biasField,
     DiffCLTrainer_cheapStep,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
@@ -60,6 +61,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
 from nnunetv2_diffcl.trainers.labeled_only import (
     LabeledOnlyTrainer,
+    LabeledOnlyTrainer_biasField,
     LabeledOnlyTrainer_clutterRestyle,
     LabeledOnlyTrainer_fourierLabeled,
     LabeledOnlyTrainer_strongRestyle,
@@ -121,6 +123,8 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_studentClutter,
     DiffCLTrainer_bgThreshold,
     DiffCLTrainer_ignoreEmpty,
+    DiffCLTrainer_biasField,
+    LabeledOnlyTrainer_biasField,
     CPSTrainer_bgThreshold,
     CPSTrainer_clutterRestyle,
     DiffCLTrainer_cheapStep,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment
-from nnunetv2_diffcl.trainers.semi_supervised import ClutterRestyle, SemiSupervisedTrainer, StrongRestyle
+from nnunetv2_diffcl.trainers.semi_supervised import BiasField, ClutterRestyle, SemiSupervisedTrainer, StrongRestyle
 
 
 class LabeledOnlyTrainer(ScheduleFromEnvironment):
@@ -39,3 +39,7 @@ class LabeledOnlyTrainer_strongRestyle(StrongRestyle, LabeledOnlyTrainer_fourier
 
 class LabeledOnlyTrainer_clutterRestyle(ClutterRestyle, LabeledOnlyTrainer_fourierLabeled):
     """The control for DiffCLTrainer's labeled batch: the same restyle (with the clutter field), no pseudo-label."""
+
+
+class LabeledOnlyTrainer_biasField(BiasField, LabeledOnlyTrainer_clutterRestyle):
+    """The control for ``DiffCLTrainer_biasField``: the bias field and DiffCL's restyle, no pseudo-label."""
