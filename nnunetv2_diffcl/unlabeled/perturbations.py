@@ -89,9 +89,10 @@ def bias_field(x: torch.Tensor, strength: torch.Tensor, generator: torch.Generat
     dims = tuple(range(1, x.ndim))
     field = (field - field.mean(dim=dims, keepdim=True)) / field.std(dim=dims, keepdim=True).clamp_min(1e-6)
     view = (-1,) + (1,) * (x.ndim - 1)
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision would round the field away
+    field = field.to(xf.dtype)
     lo = xf.amin(dim=dims, keepdim=True)
-    out = lo + (xf - lo) * torch.exp(strength.float().reshape(view) * field)
+    out = lo + (xf - lo) * torch.exp(strength.to(xf).reshape(view) * field)
     mean, sd = xf.mean(dim=dims, keepdim=True), xf.std(dim=dims, keepdim=True)
     out = (out - out.mean(dim=dims, keepdim=True)) / out.std(dim=dims, keepdim=True).clamp_min(1e-6) * sd + mean
     return torch.where(strength.reshape(view) > 0, out, xf).to(x.dtype)

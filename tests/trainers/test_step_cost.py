@@ -259,3 +259,19 @@ def test_clutter_labeled_adds_a_zero_mean_field_to_the_fourier_restyle(dataset_c
     dims = tuple(range(1, data.ndim))
     torch.testing.assert_close(restyled.mean(dim=dims), swapped.mean(dim=dims) / 2 ** 0.5, atol=1e-4, rtol=0)
     assert not torch.allclose(restyled, swapped / 2 ** 0.5, atol=1e-3)  # the field is there
+
+
+def test_bias_field_reaches_the_labeled_batch_after_the_warm_up_only(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    tiny = type("Tiny", (labeled_only.LabeledOnlyTrainer_biasField,), {"labeled_appearance": "labeled"})
+    trainer = make_trainer(dataset_copy, tiny)
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    assert trainer.labeled_input(data, data_u, 0.0) is data  # warm-up: nnU-Net's labeled batch itself
+    biased = trainer.labeled_input(data, data_u, 1.0)
+    dims = tuple(range(1, data.ndim))
+    assert biased.shape == data.shape and not torch.allclose(biased, data, atol=1e-3)
+    torch.testing.assert_close(biased.mean(dim=dims), data.mean(dim=dims), atol=1e-4, rtol=0)
+    trainer.labeled_bias_field = 0.0
+    assert trainer.labeled_input(data, data_u, 1.0) is data

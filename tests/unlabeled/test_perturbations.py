@@ -8,6 +8,7 @@ import torch
 
 from nnunetv2_diffcl.unlabeled.perturbations import (
     amplitude_mix,
+    bias_field,
     gaussian_blur,
     histogram_match,
     intensity_perturbation,
@@ -167,3 +168,37 @@ def test_histogram_match_takes_the_references_values_and_keeps_the_order(shape, 
 def test_histogram_match_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         histogram_match(torch.zeros(2, 1, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(2))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 12, 10), (2, 2, 6, 8, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bias_field_keeps_each_samples_mean_and_sd_and_zero_strength_is_the_identity(shape, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype)
+    strength = torch.zeros(shape[0])
+    strength[1:] = 1.0
+    out = bias_field(x, strength)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(out[0], x[0])
+    dims = tuple(range(1, x.ndim))
+    torch.testing.assert_close(out.mean(dim=dims), x.mean(dim=dims), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(dim=dims), x.std(dim=dims), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[1:], x[1:], atol=1e-2)
+
+
+def test_bias_field_is_a_positive_factor_on_the_intensity_above_the_minimum():
+    # a dark half at the minimum and a bright half: the field scales only what lies above the minimum, so the dark
+    # half stays one value, below every bright voxel, however the field varies over the patch
+    torch.manual_seed(0)
+    x = torch.zeros(4, 1, 16, 16)
+    x[..., 8:] = 1.0
+    out = bias_field(x, torch.full((4,), 2.0))
+    dark, bright = out[..., :8], out[..., 8:]
+    assert torch.allclose(dark, dark[..., :1, :1].expand_as(dark))
+    assert (bright.flatten(1).amin(1) > dark.flatten(1).amax(1)).all()
+    assert (bright.flatten(1).std(1) > 0.05).all()  # the bright half is no longer flat: the field is there
+
+
+def test_bias_field_refuses_a_grid_that_cannot_vary():
+    with pytest.raises(ValueError, match="grid of at least 2"):
+        bias_field(torch.zeros(1, 1, 4, 4), torch.ones(1), grid=1)
