@@ -63,7 +63,6 @@ from nnunetv2_diffcl.trainers.schedule import override_from_environment
 from nnunetv2_diffcl.trainers.semi_supervised import (
     AuxiliaryNetwork,
     BackgroundThreshold,
-    BiasField,
     DistributionAlignment,
     FourierPaste,
     HistogramPaste,
@@ -519,10 +518,6 @@ class DiffCLTrainer_bgThreshold(BackgroundThreshold, DiffCLTrainer):
 
 class DiffCLTrainer_ignoreEmpty(IgnoreEmpty, DiffCLTrainer):
     __doc__ = IgnoreEmpty.__doc__
-
-
-class DiffCLTrainer_biasField(BiasField, DiffCLTrainer):
-    __doc__ = BiasField.__doc__
 
 
 class DiffCLTrainer_cheapStep(DiffCLTrainer):
