@@ -5,9 +5,10 @@ groups the per-case Dice of each ``summary.json`` that ``nnUNetv2_diffcl benchma
 a mean Dice can be read as "where did it gain or lose". With ``--errors`` it prints, per domain and class, the
 false positives and false negatives per reference voxel (summed over the domain's cases; from each case's
 voxel counts and Dice: TP = Dice (n_reference + n_prediction) / 2), which says whether a model under- or
-over-segments. Usage:
+over-segments. With ``--cases DOMAIN`` it prints each case of that domain (e.g. ``d3``): organ / lesion Dice of every
+model, a case per column, which says whether a domain is lost evenly or by some cases entirely. Usage:
 
-    python benchmarks/per_domain_dice.py BENCHMARK_OUTPUT_FOLDER [--errors]
+    python benchmarks/per_domain_dice.py BENCHMARK_OUTPUT_FOLDER [--errors | --cases d3]
 """
 
 from __future__ import annotations
@@ -57,7 +58,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--errors", action="store_true", help="false positives / negatives per reference voxel")
+    parser.add_argument("--cases", metavar="DOMAIN", help="per case of this domain (e.g. d3): Dice per class")
     args = parser.parse_args()
+    if args.cases:
+        for path in sorted(args.folder.glob("**/predictions*/*/summary.json")):
+            cases = [c for c in json.loads(path.read_text(encoding="utf-8"))["per_case"]
+                     if domain_of(c["case"]) == args.cases]
+            cells = [f"{Path(c['case']).name.split('.')[0]} " + "/".join(f"{m['dice']:.2f}" for _, m in
+                                                                     sorted(c["metrics"].items())) for c in cases]
+            reference = " (reference)" if "reference" in path.parent.parent.name else ""
+            print(f"| {path.parent.parent.parent.name}/{path.parent.name}{reference} | " + " | ".join(cells) + " |")
+        return
     if args.errors:
         for path in sorted(args.folder.glob("**/predictions*/*/summary.json")):
             table = per_domain_errors(json.loads(path.read_text(encoding="utf-8")))

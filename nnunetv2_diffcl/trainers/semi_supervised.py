@@ -204,6 +204,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     # the labeled batch also under a smooth multiplicative bias field (unlabeled/perturbations.bias_field) whose log
     # has an sd drawn per sample from U(0, labeled_bias_field) times the unsupervised weight; 0: none
     labeled_bias_field: float = 0.0
+    # the same for the student's unlabeled patch (after its restyle; the teacher sees the patch without it)
+    student_bias_field: float = 0.0
     # the student's unlabeled patch also gets a new appearance (gamma, contrast, brightness, noise, blur) that the
     # teacher does not see: a weak/strong split aimed at scanner and protocol shift (unlabeled/perturbations.py)
     student_intensity: bool = False
@@ -255,9 +257,11 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if self.background_threshold is not None and not 0.0 < self.background_threshold < 1.0:
             raise ValueError(f"{self.__class__.__name__}: background_threshold must lie strictly between 0 and 1 (a "
                              f"probability), or be None; got {self.background_threshold}")
-        if not 0.0 <= self.labeled_bias_field <= 3.0:
-            raise ValueError(f"{self.__class__.__name__}: labeled_bias_field must lie in [0, 3] (the largest sd of the "
-                             f"log bias field; 1 scales intensities by up to e^+-2), got {self.labeled_bias_field}")
+        for attribute in ("labeled_bias_field", "student_bias_field"):
+            if not 0.0 <= getattr(self, attribute) <= 3.0:
+                raise ValueError(f"{self.__class__.__name__}: {attribute} must lie in [0, 3] (the largest sd of the "
+                                 f"log bias field; 1 scales intensities by up to e^+-2), got "
+                                 f"{getattr(self, attribute)}")
         if self.student_perturbation not in PERTURBATIONS:
             raise ValueError(f"{self.__class__.__name__}: student_perturbation must be one of {PERTURBATIONS}, got "
                              f"{self.student_perturbation!r}")
@@ -406,6 +410,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             targets = [copy_paste(t, target_full[source], box) for t in pseudo_targets]
         if self.student_appearance != "unlabeled":  # sample i in the look of unlabeled sample i - 1
             student = self.restyled(student, data_u.roll(1, 0), self.student_appearance).to(data_u.dtype)
+        if self.student_bias_field > 0.0:
+            student = bias_field(student, uniform_draws(0.0, self.student_bias_field, student.shape[0], None,
+                                                        student.device))
         if self.student_intensity:
             student = intensity_perturbation(student)
         return student, targets
@@ -439,7 +446,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     def student_sees_teacher_input(self) -> bool:
         """Whether the student's unlabeled input is the teacher's (no perturbation of any kind)."""
         return (self.student_perturbation == "none" and not self.student_intensity
-                and self.student_appearance == "unlabeled")
+                and self.student_appearance == "unlabeled" and self.student_bias_field == 0.0)
 
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
@@ -496,8 +503,9 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             f"{self.unsupervised_rampup_fraction}, pseudo-label threshold {self.pseudo_label_threshold} (background "
             f"{self.background_threshold}; teacher-empty patches ignored {self.ignore_empty_pseudo_labels}), "
             f"student perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, "
-            f"student appearance {self.student_appearance}, pasted appearance {self.pasted_appearance}, labeled "
-            f"appearance {self.labeled_appearance} (bias field up to {self.labeled_bias_field}), EMA teacher "
+            f"student appearance {self.student_appearance} (bias field up to {self.student_bias_field}), pasted "
+            f"appearance {self.pasted_appearance}, labeled appearance {self.labeled_appearance} (bias field up to "
+            f"{self.labeled_bias_field}), EMA teacher "
             f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
             for aux in self.auxiliary.values():

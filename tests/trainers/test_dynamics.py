@@ -134,6 +134,7 @@ def test_late_start_teaches_only_in_the_second_half(dataset_copy, in_process_env
     ("student_appearance", "labeled", "student_appearance must be one of"),  # a name of the labeled patch
     ("background_threshold", 1.0, "background_threshold must lie strictly between 0 and 1"),
     ("labeled_bias_field", -0.5, r"labeled_bias_field must lie in \[0, 3\]"),
+    ("student_bias_field", 3.5, r"student_bias_field must lie in \[0, 3\]"),
     ("appearance_mix_range", (0.6, 0.2), r"appearance_mix_range must be \(low, high\) with 0 <= low <= high <= 1"),
     ("appearance_mix_range", (0.0, 1.5), r"appearance_mix_range must be \(low, high\)"),
 ])

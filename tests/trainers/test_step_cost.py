@@ -275,3 +275,22 @@ def test_bias_field_reaches_the_labeled_batch_after_the_warm_up_only(dataset_cop
     torch.testing.assert_close(biased.mean(dim=dims), data.mean(dim=dims), atol=1e-4, rtol=0)
     trainer.labeled_bias_field = 0.0
     assert trainer.labeled_input(data, data_u, 1.0) is data
+
+
+def test_student_bias_field_changes_the_students_patch_only(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    tiny = type("Tiny", (diffcl.DiffCLTrainer,), {"ddim_steps": 1, "student_perturbation": "none",
+                                                  "student_bias_field": 1.0})
+    trainer = make_trainer(dataset_copy, tiny)
+    assert not trainer.student_sees_teacher_input  # so the teacher gets its own forward pass of the plain patch
+    batch = fixed_batch(trainer)
+    data, data_u = batch["data"], batch[UNLABELED_KEY]["data"]
+    target = torch.zeros_like(data_u[:, :1])
+    student, (kept,) = trainer.student_input(data, target, data_u, [target])
+    dims = tuple(range(1, data_u.ndim))
+    assert not torch.allclose(student, data_u, atol=1e-3) and kept is target
+    torch.testing.assert_close(student.mean(dim=dims), data_u.mean(dim=dims), atol=1e-4, rtol=0)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6
+    assert np.isfinite(trainer.train_step(clone(batch))["loss"])
