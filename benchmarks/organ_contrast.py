@@ -9,7 +9,10 @@ times, each time with a random domain-3 test slice as the style and weights draw
 the ramp (``labeled_bias_field``'s sd of the log field, then the Fourier amplitude and the clutter field of
 ``labeled_appearance = "fourier_clutter"``); the last row lets the clutter field's weight reach 2.
 
-    python benchmarks/organ_contrast.py RAW_DATASET_FOLDER
+With ``--cases`` it prints, per test case instead, the organ's mean and the ring's mean in the case's z-scores
+(over the whole volume): where the organ stands against the image as a whole.
+
+    python benchmarks/organ_contrast.py RAW_DATASET_FOLDER [--cases]
 """
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ def organ_slices(raw: Path, domain: int, min_organ: int = 50) -> list[tuple[np.n
             for k in range(image.shape[0]) if (label[k] == 1).sum() >= min_organ]
 
 
+def ring_around(label: np.ndarray) -> np.ndarray:
+    """The voxels 2-4 voxels outside the foreground (any dimension)."""
+    return ndimage.binary_dilation(label > 0, iterations=4) & ~ndimage.binary_dilation(label > 0, iterations=1)
+
+
 def contrasts(image: np.ndarray, label: np.ndarray) -> tuple[float, float, float]:
     """Organ - background, organ - ring around the foreground, and the first over the background's sd."""
     organ, background = image[label == 1], image[label == 0]
-    ring = ndimage.binary_dilation(label > 0, iterations=4) & ~ndimage.binary_dilation(label > 0, iterations=1)
+    ring = ring_around(label)
     difference = organ.mean() - background.mean()
     return float(difference), float(organ.mean() - image[ring].mean()), float(difference / background.std())
 
@@ -70,7 +78,18 @@ def row(name: str, slices: list[tuple[np.ndarray, np.ndarray]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw", type=Path, help="the benchmark's raw dataset folder")
+    parser.add_argument("--cases", action="store_true", help="per test case: organ and ring means in z-scores")
     args = parser.parse_args()
+    if args.cases:
+        print("| case | domain | organ mean (z) | ring mean (z) | organ - ring (z) |\n|---|---|---|---|---|")
+        for d in range(len(DOMAIN_STYLES)):
+            paths = sorted((args.raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))
+            for path, (image, label) in zip(paths, domain_test_cases(args.raw, d)):
+                organ = image[label == 1].mean()
+                ring = image[ring_around(label)].mean()
+                case = path.name.replace("_0000.nii.gz", "")
+                print(f"| {case} | {d} | {organ:.2f} | {ring:.2f} | {organ - ring:.2f} |")
+        return
     rng = np.random.default_rng(0)
     slices = {d: organ_slices(args.raw, d) for d in range(len(DOMAIN_STYLES))}
     hardest = len(DOMAIN_STYLES) - 1
