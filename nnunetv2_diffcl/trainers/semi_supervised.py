@@ -767,9 +767,9 @@ class BiasField:
 class StudentClutter:
     """The labeled batch and the student's unlabeled patch both in another unlabeled patch's look, with the clutter
     field (``labeled_appearance = student_appearance = "fourier_clutter"``): ground truth and the teacher's labels
-    of the scans it reads best, learnt in the hardest scanners' appearance. Measured (repeats 1 and 2): 0.669 and
-    0.658 against the default's 0.672 and 0.641, domain 3's organ the best of any run, domain 0's lesion worse in
-    repeat 1 (docs/benchmarks.md)."""
+    of the scans it reads best, learnt in the hardest scanners' appearance. Measured (3 paired repeats): 0.662 +-
+    0.006 against the default's 0.659 +- 0.017, domain 3's organ better in each repeat, the lesion of domains 1-2
+    worse: level with the default (docs/benchmarks.md)."""
 
     labeled_appearance = "fourier_clutter"
     student_appearance = "fourier_clutter"
