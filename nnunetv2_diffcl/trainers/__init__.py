@@ -5,8 +5,8 @@ from nnunetv2_diffcl.trainers.cps import (
     CPSTrainer_250epochs,
     CPSTrainer_aligned,
     CPSTrainer_bgThreshold,
-    CPSTrainer_clutterRestyle,
     CPSTrainer_fourierPaste,
+    CPSTrainer_fourierRestyle,
     CPSTrainer_histogramPaste,
     CPSTrainer_lateStart,
     CPSTrainer_noConfidenceMask,
@@ -124,7 +124,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_ignoreEmpty,
     LabeledOnlyTrainer_biasField,
     CPSTrainer_bgThreshold,
-    CPSTrainer_clutterRestyle,
+    CPSTrainer_fourierRestyle,
     DiffCLTrainer_cheapStep,
 ]
 

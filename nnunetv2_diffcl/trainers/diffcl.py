@@ -105,10 +105,6 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     loss_terms = ("cs_sup", "ds_sup", "cs_pseudo", "ds_pseudo", "contrast", "contrast_excess", "ds_cs_dice",
                   "cs_dice_l", "ds_dice_l", "pseudo_kept")
     primary_name = "cs"
-    # the labeled batch in an unlabeled patch's look plus a random-phase field of its power (bias, noise); measured
-    # on the domain-shift benchmark, 3 paired repeats: 0.659 +- 0.017 against 0.625 +- 0.007 with the Fourier
-    # restyle alone (docs/method.md). CPSTrainer keeps "fourier": it has not been measured with the field
-    labeled_appearance = "fourier_clutter"
 
     # objective (paper's notation)
     mu1: float = 1.0

@@ -23,9 +23,11 @@ class LabeledOnlyTrainer(ScheduleFromEnvironment):
 class LabeledOnlyTrainer_fourierLabeled(SemiSupervisedTrainer):
     """nnU-Net's supervised step on the labeled patches restyled by unlabeled patches as the semi-supervised
     trainers restyle them (``labeled_appearance``), nothing else: no pseudo-label, no second network. The control
-    that says how much of a semi-supervised trainer's result comes from the unlabeled scans' appearance alone."""
+    that says how much of a semi-supervised trainer's result comes from the unlabeled scans' appearance alone; this
+    one with the Fourier restyle alone, ``LabeledOnlyTrainer_clutterRestyle`` with the trainers' default."""
 
     loss_terms = ("sup",)
+    labeled_appearance = "fourier"
 
     def compute_losses(self, data: torch.Tensor, target: Any, data_u: torch.Tensor, weight: float
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -38,7 +40,8 @@ class LabeledOnlyTrainer_strongRestyle(StrongRestyle, LabeledOnlyTrainer_fourier
 
 
 class LabeledOnlyTrainer_clutterRestyle(ClutterRestyle, LabeledOnlyTrainer_fourierLabeled):
-    """The control for DiffCLTrainer's labeled batch: the same restyle (with the clutter field), no pseudo-label."""
+    """The control for DiffCLTrainer's and CPSTrainer's labeled batch: the same restyle (with the clutter field), no
+    pseudo-label."""
 
 
 class LabeledOnlyTrainer_biasField(BiasField, LabeledOnlyTrainer_clutterRestyle):

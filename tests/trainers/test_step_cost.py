@@ -217,7 +217,7 @@ def test_styled_paste_restyles_only_the_pasted_box_and_keeps_its_ground_truth(da
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
 
 
-@pytest.mark.parametrize("cls", [cps.CPSTrainer, diffcl.DiffCLTrainer_fourierRestyle,
+@pytest.mark.parametrize("cls", [cps.CPSTrainer_fourierRestyle, diffcl.DiffCLTrainer_fourierRestyle,
                                  labeled_only.LabeledOnlyTrainer_fourierLabeled])
 def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
@@ -244,7 +244,7 @@ def test_fourier_labeled_restyles_the_labeled_batch_by_the_unsupervised_weight(d
     assert np.isfinite(out["loss"]) and not torch.equal(seen[0], data)  # the step trained on the restyled batch
 
 
-@pytest.mark.parametrize("cls", [labeled_only.LabeledOnlyTrainer_clutterRestyle, diffcl.DiffCLTrainer])
+@pytest.mark.parametrize("cls", [labeled_only.LabeledOnlyTrainer_clutterRestyle, diffcl.DiffCLTrainer, cps.CPSTrainer])
 def test_clutter_labeled_adds_a_zero_mean_field_to_the_fourier_restyle(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
     torch.manual_seed(0)
