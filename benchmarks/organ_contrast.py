@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from domain_shift_probe import domain_test_cases
+from domain_shift_probe import domain_test_cases, load_test_case
 from scipy import ndimage
 
 from nnunetv2_diffcl.dataset_conversion.synthetic import DOMAIN_STYLES
@@ -83,8 +83,8 @@ def main() -> None:
     if args.cases:
         print("| case | domain | organ mean (z) | ring mean (z) | organ - ring (z) |\n|---|---|---|---|---|")
         for d in range(len(DOMAIN_STYLES)):
-            paths = sorted((args.raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz"))
-            for path, (image, label) in zip(paths, domain_test_cases(args.raw, d)):
+            for path in sorted((args.raw / "imagesTs").glob(f"*_d{d}_0000.nii.gz")):
+                image, label = load_test_case(args.raw, path)
                 organ = image[label == 1].mean()
                 ring = image[ring_around(label)].mean()
                 case = path.name.replace("_0000.nii.gz", "")

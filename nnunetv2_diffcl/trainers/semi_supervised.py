@@ -450,6 +450,13 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         return (self.student_perturbation == "none" and not self.student_intensity
                 and self.student_appearance == "unlabeled" and self.student_bias_field == 0.0)
 
+    @property
+    def masks_pseudo_labels(self) -> bool:
+        """Whether ``pseudo_target`` can leave voxels out (threshold, background threshold, empty patches), so the
+        pseudo-label loss needs the ignore label and the teachers' labels must go through ``pseudo_target``."""
+        return (self.pseudo_label_threshold is not None or self.background_threshold is not None
+                or self.ignore_empty_pseudo_labels)
+
     @contextlib.contextmanager
     def _as_primary(self, module: nn.Module) -> Iterator[None]:
         """Temporarily make ``module`` the primary network, to reuse nnU-Net's per-network methods."""
@@ -495,8 +502,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
                 ClassShares(self.label_manager.num_segmentation_heads, teachers, self.alignment_momentum
                             ).to(self.device))
         self.logger.local_logger.add_terms([f"grad_norm_{name}" for name, _, _ in self._trained()])
-        if (self.pseudo_label_threshold is not None or self.background_threshold is not None
-                or self.ignore_empty_pseudo_labels or not self.student_sees_teacher_input):
+        if self.masks_pseudo_labels or not self.student_sees_teacher_input:
             self.pseudo_loss = self.build_pseudo_loss()
         else:
             self.pseudo_loss = self.loss
