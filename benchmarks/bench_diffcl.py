@@ -63,6 +63,8 @@ SETTINGS: dict[str, dict] = {
                                                          "unlabeled_batch_ratio": 2 / 3},
     "DS width 1/4, labeled only, unlabeled batch 1/3": {"ds_width_fraction": 0.25, "ds_on_unlabeled": False,
                                                          "unlabeled_batch_ratio": 1 / 3},
+    "DS sampled every 2 steps": {"ds_refresh_every": 2},
+    "DS sampled every 4 steps": {"ds_refresh_every": 4},
 }
 
 
@@ -158,10 +160,14 @@ def step_times(device: torch.device, dataset: str, configuration: str, names: li
             times[n].append(timed(device, lambda t=t, b=b: t.train_step(b)))
     medians = {n: statistics.median(v) for n, v in times.items()}
     fastest = {n: min(v) for n, v in times.items()}  # least disturbed by other work on a shared machine
+    # a setting that samples DS on one step in k (ds_refresh_every) has two kinds of step: its cost per step is the
+    # mean over a multiple of k repeats, not the median
+    means = {n: statistics.fmean(v) for n, v in times.items()}
     first = next(iter(trainers.values()))
     return {"seconds": medians, f"ratio_to_{names[0]}": {n: v / medians[names[0]] for n, v in medians.items()},
             "fastest_seconds": fastest,
             f"fastest_ratio_to_{names[0]}": {n: v / fastest[names[0]] for n, v in fastest.items()},
+            "mean_seconds": means, f"mean_ratio_to_{names[0]}": {n: v / means[names[0]] for n, v in means.items()},
             "patch_size": list(first.configuration_manager.patch_size), "batch_size": first.batch_size,
             "repeats": repeats}
 

@@ -114,6 +114,9 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     diffusion_timesteps: int = 1000
     noise_schedule: str = "linear"
     ddim_steps: int = 2                   # DDIM steps of DS's pseudo-label (10 before the step-cost cuts)
+    # DS's pseudo-label is sampled on one step in k and reused, with the unlabeled batch it labels, on the k - 1 steps
+    # after it (the teacher, the perturbation and both students still run on every step); 1: sampled on every step
+    ds_refresh_every: int = 1
     ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
     ds_width_fraction: float = 0.5        # DS's features per stage as a fraction of the planned ones (was 1)
     ds_on_unlabeled: bool = True          # DS also learns CS's pseudo-labels on the unlabeled batch (else labeled only)
@@ -160,15 +163,21 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         if self.diagnostics_every < 1:
             raise ValueError(f"{self.__class__.__name__}: diagnostics_every must be >= 1, got "
                              f"{self.diagnostics_every}")
+        if not (isinstance(self.ds_refresh_every, int) and self.ds_refresh_every >= 1):
+            raise ValueError(f"{self.__class__.__name__}: ds_refresh_every must be a whole number >= 1 (steps between "
+                             f"two DDIM samplings of DS's pseudo-label; 1 samples on every step), got "
+                             f"{self.ds_refresh_every!r}")
 
     def initialize(self) -> None:
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise RuntimeError(f"{self.__class__.__name__} supports plain label maps only (no region-based "
                                f"training, no ignore label); this dataset's labels: {self.dataset_json['labels']}")
         super().initialize()
+        self._ds_pseudo_cache: list | None = None  # [unlabeled batch, DS's logits for it, steps it has served]
         self.logger.local_logger.add_terms([f"ds_dice_l_S{s}" for s in self.diagnostic_ddim_steps])
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
-                               f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps}, "
+                               f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps} "
+                               f"(sampled every {self.ds_refresh_every} step(s)), "
                                f"label signal scale {self.ds_signal_scale}, DS width {self.ds_width_fraction}, DS "
                                f"on unlabeled data {self.ds_on_unlabeled}, DS labels only where DS and CS agree "
                                f"{self.ds_label_agreement} (DS's veto earned per class {self.ds_trust_measured}), "
@@ -230,6 +239,17 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     def ds_pseudo_logits(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DS's x0 logits for ``image`` by DDIM sampling from pure noise (no gradient)."""
         return self.diffusion.sample_logits(image, generator)
+
+    def refreshed_ds_logits(self, data_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unlabeled batch, DS's aligned pseudo-label logits for it). With ``ds_refresh_every = k`` DS samples on one
+        step in k; the k - 1 steps after it reuse that batch with its logits, since DS's label belongs to the patch it
+        was sampled for. Not checkpointed: a resumed training samples on its first step."""
+        cache = self._ds_pseudo_cache
+        if cache is None or cache[2] >= self.ds_refresh_every or cache[0].shape != data_u.shape:
+            with torch.no_grad():
+                cache = self._ds_pseudo_cache = [data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), 0]
+        cache[2] += 1
+        return cache[0], cache[1]
 
     def sample_ds_pseudo_label(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DS's label for ``image`` by DDIM sampling from pure noise (no gradient): (B, 1, *spatial)."""
@@ -303,6 +323,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                            "ds_cs_dice": nan, "pseudo_kept": nan,
                            **self._labeled_diagnostics(data, target_full, full_resolution(cs_l))}
 
+        data_u, ds_logits_u = self.refreshed_ds_logits(data_u)
         cs_out = cs_features = None
         if self.student_sees_teacher_input and not self.ema_teacher:
             # the teacher is CS itself on the same input: the student's forward pass serves both
@@ -315,7 +336,6 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         with torch.no_grad():
             teacher_logits = self.aligned(self.primary_name, teacher_logits)
             cs_label_u, target_for_ds = self.pseudo_target(teacher_logits)
-            ds_logits_u = self.aligned("ds", self.ds_pseudo_logits(data_u))
             ds_label_u = hard_pseudo_label(ds_logits_u, has_regions=False)
             agree = ds_label_u == cs_label_u
             _, query_target = self.pseudo_target(ds_logits_u, keep=agree)
@@ -535,6 +555,13 @@ class DiffCLTrainer_100epochs(DiffCLTrainer):
     """DiffCLTrainer for 100 epochs instead of nnU-Net's 1000 (``schedule_epochs``), as nnUNetTrainer_100epochs."""
 
     schedule_epochs = 100
+
+
+class DiffCLTrainer_dsEvery4(DiffCLTrainer):
+    """DS's pseudo-label sampled on one step in four and reused with its unlabeled patches on the three after it
+    (``ds_refresh_every``; the default samples on every step)."""
+
+    ds_refresh_every = 4
 
 
 class DiffCLTrainer_DDIM1(DiffCLTrainer):

@@ -77,6 +77,33 @@ def test_narrow_ds_and_diagnostic_ddim_steps(dataset_copy, in_process_env):
     assert "ds_dice_l_S3" in trainer.logged_terms
 
 
+def test_ds_pseudo_label_is_reused_for_k_steps_and_sampled_again_after(dataset_copy, in_process_env):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, variant(ds_refresh_every=3))
+    batch = fixed_batch(trainer)
+    sampled = []
+    sample = trainer.ds_pseudo_logits
+    trainer.ds_pseudo_logits = lambda image, generator=None: sampled.append(image) or sample(image, generator)
+    patches = [torch.randn_like(batch[UNLABELED_KEY]["data"]) for _ in range(7)]
+    served = [trainer.refreshed_ds_logits(p) for p in patches]
+    assert [any(p is s for s in sampled) for p in patches] == [True, False, False, True, False, False, True]
+    for i, (data_u, logits) in enumerate(served):
+        first = i - i % 3  # the step that sampled the label this step reuses
+        assert data_u is patches[first] and logits is served[first][1]
+        assert logits.shape[0] == data_u.shape[0] and not logits.requires_grad
+    # in training: the step after a sampling step learns from the same unlabeled patch and samples nothing
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6 + 1  # past the warm-up, not a diagnostics step
+    trainer._ds_pseudo_cache, sampled[:] = None, []
+    for _ in range(4):
+        other = clone(batch)
+        other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
+        assert np.isfinite(trainer.train_step(other)["loss"])
+        trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
+    assert len(sampled) == 2
+
+
 @pytest.mark.parametrize("cls", [cps.CPSTrainer, DiffCLTrainer_tiny])
 def test_unlabeled_batch_ratio(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
@@ -96,6 +123,8 @@ def test_unlabeled_batch_ratio(dataset_copy, in_process_env, cls):
     (diffcl.DiffCLTrainer, "ddim_steps", 0, r"ddim_steps \(0\) and diagnostic_ddim_steps .* \[1, "),
     (diffcl.DiffCLTrainer, "diagnostic_ddim_steps", (2, 5000), r"\(\(2, 5000\); nnUNet_diffcl_diagnostic_ddim_steps\)"),
     (cps.CPSTrainer, "unlabeled_batch_ratio", 0.0, "unlabeled_batch_ratio must be > 0"),
+    (diffcl.DiffCLTrainer, "ds_refresh_every", 0, "ds_refresh_every must be a whole number >= 1"),
+    (diffcl.DiffCLTrainer, "ds_refresh_every", 2.5, "ds_refresh_every must be a whole number >= 1"),
 ])
 def test_bad_cost_settings_are_refused(dataset_copy, in_process_env, cls, attribute, value, message):
     in_process_env(dataset_copy)
