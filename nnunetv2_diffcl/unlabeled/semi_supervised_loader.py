@@ -37,10 +37,13 @@ def unlabeled_loader_like(labeled: nnUNetDataLoader, dataset: nnUNetBaseDataset,
     Foreground oversampling needs labels; unlabeled patches are drawn uniformly.
     """
     strip = 1 if labeled.patch_size_was_2d else 0
-    return nnUNetDataLoader(dataset, batch_size, tuple(labeled.patch_size[strip:]),
-                            tuple(labeled.final_patch_size[strip:]), label_manager,
-                            oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
-                            transforms=labeled.transforms)
+    loader = nnUNetDataLoader(dataset, batch_size, tuple(labeled.patch_size[strip:]),
+                              tuple(labeled.final_patch_size[strip:]), label_manager,
+                              oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
+                              transforms=labeled.transforms)
+    # with an ignore label nnU-Net centres every patch on annotated voxels, which an unlabeled case has none of
+    loader.has_ignore = False
+    return loader
 
 
 def augmenter_for(loader: nnUNetDataLoader, pin_memory: bool) -> Any:
