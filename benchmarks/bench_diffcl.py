@@ -9,8 +9,8 @@ or, on any planned dataset with preprocessed unlabeled cases (the nnUNet_* varia
 
 1. Training step after the warm-up (unsupervised weight 1): nnUNetTrainer, CPSTrainer, DiffCLTrainer and the
    DiffCLTrainer_uncut (the step before the cost cuts) and the cost settings in ``SETTINGS`` (each the default
-   DiffCLTrainer with some attributes changed), on the same plans and the same batch; interleaved, median of
-   ``--repeats`` after a warm-up.
+   DiffCLTrainer with some attributes changed), on the same plans and the same batch; interleaved, median, fastest
+   and mean of ``--repeats`` after a warm-up (the mean for a setting that samples DS on one step in k).
 2. The step's breakdown for DiffCLTrainer_uncut and the default: teacher forward, DDIM sampling, CS and DS forward and
    backward, the projection head, and the rest (losses, masks, optimiser steps, EMA, diagnostics).
 3. Peak memory (VmHWM) of a fresh process taking three steps after the warm-up with each trainer.
