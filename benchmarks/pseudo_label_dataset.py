@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-CHANNEL_SUFFIX = "_0000.nii.gz"
+from nnunetv2_diffcl.unlabeled.preprocessing import find_unlabeled_cases
 
 
 def build(source: Path, predictions: Path, target: Path, threshold: float) -> float:
@@ -35,7 +35,8 @@ def build(source: Path, predictions: Path, target: Path, threshold: float) -> fl
     dataset = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
     if dataset.get("file_ending") != ".nii.gz" or len(dataset["channel_names"]) != 1:
         raise ValueError(f"{source}: this script handles one-channel .nii.gz datasets (the benchmark's)")
-    unlabeled = sorted(f.name[: -len(CHANNEL_SUFFIX)] for f in (source / "imagesTu").glob("*" + CHANNEL_SUFFIX))
+    channel_files = find_unlabeled_cases(str(source), dataset)  # case -> its imagesTu files, names checked
+    unlabeled = sorted(channel_files)
     missing = [c for c in unlabeled if not (predictions / f"{c}.nii.gz").exists()]
     if missing:
         raise FileNotFoundError(f"{predictions} lacks the prediction of {missing[:5]}: predict imagesTu first")
@@ -47,7 +48,8 @@ def build(source: Path, predictions: Path, target: Path, threshold: float) -> fl
             shutil.copytree(source / sub, partial / sub)
     kept = total = 0
     for case in unlabeled:
-        shutil.copy(source / "imagesTu" / (case + CHANNEL_SUFFIX), partial / "imagesTr" / (case + CHANNEL_SUFFIX))
+        for file in channel_files[case]:
+            shutil.copy(file, partial / "imagesTr" / Path(file).name)
         image = sitk.ReadImage(str(predictions / f"{case}.nii.gz"))
         label = sitk.GetArrayFromImage(image).astype(np.uint8)
         if ignore is not None:
