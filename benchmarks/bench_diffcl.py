@@ -63,8 +63,8 @@ SETTINGS: dict[str, dict] = {
                                                          "unlabeled_batch_ratio": 2 / 3},
     "DS width 1/4, labeled only, unlabeled batch 1/3": {"ds_width_fraction": 0.25, "ds_on_unlabeled": False,
                                                          "unlabeled_batch_ratio": 1 / 3},
+    "DS sampled every step": {"ds_refresh_every": 1},
     "DS sampled every 2 steps": {"ds_refresh_every": 2},
-    "DS sampled every 4 steps": {"ds_refresh_every": 4},
 }
 
 
