@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                          "predict with Diff-CL's DS + CS ensemble (optional; nnUNetv2_predict runs CS alone)"),
     "benchmark": ("nnunetv2_diffcl.benchmark",
                   "train, predict and evaluate several trainers with one schedule; table, JSON and bar plot"),
+    "self_training_round": ("nnunetv2_diffcl.self_training_command",
+                            "label imagesTu with a trained model and make labeled + those scans a new, preprocessed "
+                            "dataset for a further round"),
     "evaluate": ("nnunetv2_diffcl.evaluation.evaluate",
                  "Dice, Jaccard, HD95 and ASD (mm and voxels) of a prediction folder against references"),
     "convert_la": ("nnunetv2_diffcl.dataset_conversion.converters.la",

@@ -44,6 +44,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
     masked_pseudo_label,
     random_boxes,
 )
+from nnunetv2_diffcl.self_training import ground_truth_weighted, pseudo_labelled_cases
 from nnunetv2_diffcl.trainers.schedule import ScheduleFromEnvironment, override_from_environment
 from nnunetv2_diffcl.trainers.term_logger import TERM_PREFIX, TermLogger
 from nnunetv2_diffcl.unlabeled.perturbations import bias_field, intensity_perturbation, restyle, uniform_draws
@@ -219,6 +220,10 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     # unlabeled patches per step as a share of nnU-Net's planned (labeled) batch size: the unlabeled batch is
     # max(1, round(ratio x batch size)); below 1 it cuts the step's cost
     unlabeled_batch_ratio: float = 1.0
+    # on a dataset of a further self-training round (pseudo-labelled cases listed in dataset.json, self_training.py):
+    # the share of training patches drawn from the ground-truth cases, which a uniform draw gives only their count's
+    # share (4 of 52 on the benchmark); None: nnU-Net's uniform draw
+    ground_truth_share: float | None = None
     grad_clip_norm: float = 12.0
     primary_name: str = "network"  # how the primary network's gradient norm is logged
 
@@ -296,6 +301,10 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
                              f"{self.alignment_momentum}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"{self.__class__.__name__}: ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.ground_truth_share is not None and not 0.0 < self.ground_truth_share < 1.0:
+            raise ValueError(f"{self.__class__.__name__}: ground_truth_share must lie strictly between 0 and 1 (the "
+                             f"share of training patches from ground-truth cases), or be None; got "
+                             f"{self.ground_truth_share}")
 
     # ----------------------------------------------------------------------------------- subclass API
     def build_auxiliary_networks(self) -> dict[str, AuxiliaryNetwork]:
@@ -520,6 +529,15 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
                 if aux.optimizer is not None:
                     aux.module = DDP(nn.SyncBatchNorm.convert_sync_batchnorm(aux.module),
                                      device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    def get_tr_and_val_datasets(self):
+        train, val = super().get_tr_and_val_datasets()
+        if self.ground_truth_share is not None:
+            pseudo = pseudo_labelled_cases(self.dataset_json)
+            train.identifiers, share = ground_truth_weighted(train.identifiers, pseudo, self.ground_truth_share)
+            self.print_to_log_file(f"Ground-truth share of the training draws: {share:.3f} (asked "
+                                   f"{self.ground_truth_share}; {len(pseudo)} pseudo-labelled case(s) in dataset.json)")
+        return train, val
 
     def get_dataloaders(self):
         raw = join(str(nnUNet_raw), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
