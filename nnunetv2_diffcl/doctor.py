@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2_diffcl.trainers import PLUGIN_TRAINERS
 
     failures = []
+    width = max(len(cls.__name__) for cls in PLUGIN_TRAINERS) + 2
     for cls in PLUGIN_TRAINERS:
         output = io.StringIO()
         try:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             status = "found" if ok else f"found a different class {found.__module__}.{found.__name__}"
         except Exception as e:  # noqa: BLE001 - reported, with nnU-Net's words
             ok, status = False, f"NOT found ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        print(f"  trainer {cls.__name__:<34}{status}")
+        print(f"  trainer {cls.__name__:<{width}}{status}")
         if args.verbose:
             print(output.getvalue())
         if not ok:

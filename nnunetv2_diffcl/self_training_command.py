@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.t <= 999:
         raise UserInputError(f"-t {args.t}: nnU-Net dataset ids lie in 1..999")
+    if not 0.0 <= args.threshold < 1.0:
+        raise UserInputError(f"--threshold {args.threshold}: give a probability in [0, 1)")
     taken = existing_dataset_folders(args.t)
     if taken:
         raise UserInputError(f"-t {args.t}: dataset id taken ({', '.join(taken)}): choose a free id")
-    if not 0.0 <= args.threshold < 1.0:
-        raise UserInputError(f"--threshold {args.threshold}: give a probability in [0, 1)")
     try:
         source = maybe_convert_to_dataset_name(args.d)
     except RuntimeError as e:

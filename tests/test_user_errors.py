@@ -21,6 +21,7 @@ BAD_INPUT = {
     "convert_la": (["{missing}", "-d", "11", "--labeled", "2", "-o", "{tmp}"], "{missing}"),
     "convert_pancreas": (["{missing}", "-d", "12", "--labeled", "2", "-o", "{tmp}"], "{missing}"),
     "convert_brats": (["{missing}", "-d", "13", "--labeled", "2", "-o", "{tmp}"], "{missing}"),
+    "self_training_round": (["-d", "5", "-t", "992", "--threshold", "1.5"], "--threshold 1.5: give a probability"),
 }
 
 
