@@ -68,13 +68,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-nps", type=int, default=1, help="export processes")
 
 
-def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print):
-    """nnU-Net's predictor for the trained model, with its network replaced by the ensemble."""
+def trained_model_folder(args: argparse.Namespace) -> tuple[str, list[int | str]]:
+    """(the model folder, its folds) of ``-d -tr -p -c -f -chk``, refused with the fix when a fold's checkpoint is
+    missing (the commands that load a trained model: ``predict_ensemble``, ``self_training_round``)."""
     from os.path import isfile, join
 
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    folds = [f if f == "all" else int(f) for f in args.f]
+    model = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+    missing = [join(model, f"fold_{f}", args.chk) for f in folds if not isfile(join(model, f"fold_{f}", args.chk))]
+    if missing:
+        raise UserInputError(f"{', '.join(missing)} not found: train the model first (nnUNetv2_train {args.d} "
+                             f"{args.c} FOLD -tr {args.tr}), or pass the folds (-f) and checkpoint (-chk) it has")
+    return model, folds
+
+
+def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print):
+    """nnU-Net's predictor for the trained model, with its network replaced by the ensemble."""
+    from os.path import join
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
@@ -91,12 +106,7 @@ def build_predictor(args: argparse.Namespace, log: Callable[[str], None] = print
     device = torch.device(args.device)
     predictor = nnUNetPredictor(use_mirroring=not args.disable_tta, device=device,
                                 perform_everything_on_device=device.type == "cuda", allow_tqdm=False)
-    folds = [f if f == "all" else int(f) for f in args.f]
-    model = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
-    missing = [join(model, f"fold_{f}", args.chk) for f in folds if not isfile(join(model, f"fold_{f}", args.chk))]
-    if missing:
-        raise UserInputError(f"{', '.join(missing)} not found: train the model first (nnUNetv2_train {args.d} "
-                             f"{args.c} FOLD -tr {args.tr}), or pass the folds (-f) and checkpoint (-chk) it has")
+    model, folds = trained_model_folder(args)
     predictor.initialize_from_trained_model_folder(model, folds, args.chk)
     checkpoints = [torch.load(join(model, f"fold_{f}", args.chk), map_location="cpu", weights_only=False)
                    for f in folds]

@@ -73,6 +73,8 @@ def build_pseudo_labelled_dataset(source: Path, predictions: Path, target: Path,
         raise UserInputError(f"{predictions} lacks the prediction{' (with probabilities)' if threshold > 0 else ''} "
                              f"of {missing[:5]}: predict {source / 'imagesTu'} first")
     ignore = max(dataset["labels"].values()) + 1 if threshold > 0 else None
+    reader_writer = None if ignore is None else determine_reader_writer_from_dataset_json(
+        dataset, join(str(predictions), f"{unlabeled[0]}{ending}"))()
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -80,7 +82,6 @@ def build_pseudo_labelled_dataset(source: Path, predictions: Path, target: Path,
             if (source / sub).is_dir():
                 shutil.copytree(source / sub, partial / sub)
         kept = total = 0
-        reader_writer = None
         for case in unlabeled:
             for file in channel_files[case]:
                 shutil.copy(file, partial / "imagesTr" / Path(file).name)
@@ -88,9 +89,6 @@ def build_pseudo_labelled_dataset(source: Path, predictions: Path, target: Path,
             if ignore is None:
                 shutil.copy(predictions / f"{case}{ending}", label_file)
                 continue
-            if reader_writer is None:
-                reader_writer = determine_reader_writer_from_dataset_json(
-                    dataset, join(str(predictions), f"{case}{ending}"))()
             label, properties = reader_writer.read_seg(str(predictions / f"{case}{ending}"))
             low = np.load(predictions / f"{case}.npz")["probabilities"].max(0) < threshold
             if low.shape != label.shape[1:]:

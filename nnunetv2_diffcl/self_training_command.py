@@ -4,10 +4,8 @@ become a new dataset, planned with the source's plans and preprocessed, ready fo
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
-from os.path import isdir, isfile, join
 from pathlib import Path
 
 import torch
@@ -39,15 +37,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="device of the prediction (default: cuda if available)")
 
 
-def existing_dataset_folders(dataset_id: int) -> list[str]:
-    """Folders of nnUNet_raw, nnUNet_preprocessed and nnUNet_results that already belong to ``dataset_id``."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
-
-    prefix = f"Dataset{dataset_id:03d}_"
-    return [join(base, name) for base in (nnUNet_raw, nnUNet_preprocessed, nnUNet_results)
-            if base is not None and isdir(base) for name in os.listdir(base) if name.startswith(prefix)]
-
-
 def run(args: argparse.Namespace) -> int:
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
@@ -56,17 +45,17 @@ def run(args: argparse.Namespace) -> int:
     )
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets, maybe_convert_to_dataset_name
 
+    from nnunetv2_diffcl.ensemble import trained_model_folder
     from nnunetv2_diffcl.unlabeled.preprocessing import preprocess_unlabeled
 
     if not 1 <= args.t <= 999:
         raise UserInputError(f"-t {args.t}: nnU-Net dataset ids lie in 1..999")
     if not 0.0 <= args.threshold < 1.0:
         raise UserInputError(f"--threshold {args.threshold}: give a probability in [0, 1)")
-    taken = existing_dataset_folders(args.t)
-    if taken:
+    taken = find_candidate_datasets(args.t)  # in nnUNet_raw, nnUNet_preprocessed or nnUNet_results
+    if len(taken):
         raise UserInputError(f"-t {args.t}: dataset id taken ({', '.join(taken)}): choose a free id")
     try:
         source = maybe_convert_to_dataset_name(args.d)
@@ -76,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not name or "/" in name or name.startswith("."):
         raise UserInputError(f"--name {args.name!r}: give a plain folder name (DatasetXXX_ is added)")
     target = f"Dataset{args.t:03d}_{name}"
-    model = get_output_folder(source, args.tr, args.p, args.c)
-    folds = [f if f == "all" else int(f) for f in args.f]
-    missing = [join(model, f"fold_{f}", args.chk) for f in folds if not isfile(join(model, f"fold_{f}", args.chk))]
-    if missing:
-        raise UserInputError(f"{', '.join(missing)} not found: train the model first (nnUNetv2_train {args.d} "
-                             f"{args.c} FOLD -tr {args.tr}), or pass the folds (-f) and checkpoint (-chk) it has")
+    model, folds = trained_model_folder(args)
     source_raw, target_raw = Path(nnUNet_raw) / source, Path(nnUNet_raw) / target
     target_preprocessed = Path(nnUNet_preprocessed) / target
     num_processes = args.np or default_num_processes
