@@ -65,6 +65,14 @@ SETTINGS: dict[str, dict] = {
                                                          "unlabeled_batch_ratio": 1 / 3},
     "DS sampled every step": {"ds_refresh_every": 1},
     "DS sampled every 2 steps": {"ds_refresh_every": 2},
+    "teacher with DS": {"teacher_refresh_with_ds": True},
+    "teacher with DS, unlabeled batch 2/3": {"teacher_refresh_with_ds": True, "unlabeled_batch_ratio": 2 / 3},
+    "teacher with DS, unlabeled batch 1/3": {"teacher_refresh_with_ds": True, "unlabeled_batch_ratio": 1 / 3},
+    "teacher with DS, DS labeled only": {"teacher_refresh_with_ds": True, "ds_on_unlabeled": False},
+    "teacher with DS, unlabeled batch 2/3, DS width 1/4": {"teacher_refresh_with_ds": True,
+                                                            "unlabeled_batch_ratio": 2 / 3, "ds_width_fraction": 0.25},
+    "teacher with DS, unlabeled batch 2/3, DS labeled only": {"teacher_refresh_with_ds": True,
+                                                               "unlabeled_batch_ratio": 2 / 3, "ds_on_unlabeled": False},
 }
 
 

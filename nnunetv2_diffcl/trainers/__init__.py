@@ -39,6 +39,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_histogramPaste,
     DiffCLTrainer_ignoreEmpty,
     DiffCLTrainer_lateStart,
+    DiffCLTrainer_leanCached,
     DiffCLTrainer_leanStep,
     DiffCLTrainer_leanTrust,
     DiffCLTrainer_measuredTrust,
@@ -56,6 +57,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_strongRestyle,
     DiffCLTrainer_studentClutter,
     DiffCLTrainer_styledPaste,
+    DiffCLTrainer_teacherWithDS,
     DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
@@ -104,6 +106,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_original,
     DiffCLTrainer_dsEveryStep,
+    DiffCLTrainer_teacherWithDS,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
@@ -121,6 +124,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_lateStart,
     DiffCLTrainer_strongRestyle,
     DiffCLTrainer_fourierRestyle,
+    DiffCLTrainer_leanCached,
     DiffCLTrainer_leanStep,
     DiffCLTrainer_leanTrust,
     DiffCLTrainer_studentClutter,

@@ -118,6 +118,9 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     # after it (the teacher, the perturbation and both students still run on every step); 1: sampled on every step.
     # 4 since the tenth session: 3.47x nnU-Net's step against 3.82x at 1, Dice within one sd (docs/benchmarks.md)
     ds_refresh_every: int = 4
+    # the teacher's logits of the unlabeled batch are computed with DS's and reused with them for those k steps (the
+    # EMA teacher moves by about 1 - 0.99^k of its distance to CS in k steps); False: the teacher runs on every step
+    teacher_refresh_with_ds: bool = False
     ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
     ds_width_fraction: float = 0.5        # DS's features per stage as a fraction of the planned ones (was 1)
     ds_on_unlabeled: bool = True          # DS also learns CS's pseudo-labels on the unlabeled batch (else labeled only)
@@ -168,13 +171,17 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             raise ValueError(f"{self.__class__.__name__}: ds_refresh_every must be a whole number >= 1 (steps between "
                              f"two DDIM samplings of DS's pseudo-label; 1 samples on every step), got "
                              f"{self.ds_refresh_every!r}")
+        if not isinstance(self.teacher_refresh_with_ds, bool):
+            raise ValueError(f"{self.__class__.__name__}: teacher_refresh_with_ds must be True or False (whether the "
+                             f"teacher's logits are cached with DS's for ds_refresh_every steps), got "
+                             f"{self.teacher_refresh_with_ds!r}")
 
     def initialize(self) -> None:
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise RuntimeError(f"{self.__class__.__name__} supports plain label maps only (no region-based "
                                f"training, no ignore label); this dataset's labels: {self.dataset_json['labels']}")
         super().initialize()
-        self._ds_pseudo_cache: list | None = None  # [unlabeled batch, DS's logits for it, steps it has served]
+        self._ds_pseudo_cache: list | None = None  # [unlabeled batch, DS's and the teacher's logits, steps served]
         self.logger.local_logger.add_terms([f"ds_dice_l_S{s}" for s in self.diagnostic_ddim_steps])
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
                                f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps} "
@@ -247,16 +254,30 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         # (--c) continues exactly as an uninterrupted one without the cached patches in the checkpoint
         self._ds_pseudo_cache = None
 
-    def refreshed_ds_logits(self, data_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unlabeled batch, DS's aligned pseudo-label logits for it). With ``ds_refresh_every = k`` DS samples on one
-        step in k, counted from each epoch's first step; the k - 1 steps after it reuse that batch with its logits,
-        since DS's label belongs to the patch it was sampled for."""
+    def refreshed_ds_logits(self, data_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(unlabeled batch, DS's aligned pseudo-label logits for it, the teacher's aligned logits for it or None).
+        With ``ds_refresh_every = k`` DS samples on one step in k, counted from each epoch's first step; the k - 1
+        steps after it reuse that batch with its logits, since DS's label belongs to the patch it was sampled for.
+        The teacher's logits are cached with them when ``teacher_refresh_with_ds`` (else None: the step runs the
+        teacher itself)."""
         cache = self._ds_pseudo_cache
-        if cache is None or cache[2] >= self.ds_refresh_every or cache[0].shape != data_u.shape:
+        if cache is None or cache[3] >= self.ds_refresh_every or cache[0].shape != data_u.shape:
             with torch.no_grad():
-                cache = self._ds_pseudo_cache = [data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), 0]
-        cache[2] += 1
-        return cache[0], cache[1]
+                teacher = self.teacher_logits(data_u) if self.caches_teacher_logits else None
+                cache = self._ds_pseudo_cache = [data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), teacher, 0]
+        cache[3] += 1
+        return cache[0], cache[1], cache[2]
+
+    @property
+    def caches_teacher_logits(self) -> bool:
+        """Whether the teacher's logits are cached with DS's: asked for, and the teacher is a pass of its own (not
+        CS's forward on the student's own input)."""
+        return self.teacher_refresh_with_ds and not (self.student_sees_teacher_input and not self.ema_teacher)
+
+    @torch.no_grad()
+    def teacher_logits(self, data_u: torch.Tensor) -> torch.Tensor:
+        """The teacher's full-resolution logits for the unlabeled batch, aligned (no gradient)."""
+        return self.aligned(self.primary_name, full_resolution(self.teacher(self.primary_name)(data_u)))
 
     def sample_ds_pseudo_label(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """DS's label for ``image`` by DDIM sampling from pure noise (no gradient): (B, 1, *spatial)."""
@@ -330,18 +351,17 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                            "ds_cs_dice": nan, "pseudo_kept": nan,
                            **self._labeled_diagnostics(data, target_full, full_resolution(cs_l))}
 
-        data_u, ds_logits_u = self.refreshed_ds_logits(data_u)
+        data_u, ds_logits_u, teacher_logits = self.refreshed_ds_logits(data_u)
         cs_out = cs_features = None
         if self.student_sees_teacher_input and not self.ema_teacher:
             # the teacher is CS itself on the same input: the student's forward pass serves both
             cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder,
                                                              torch.cat([data, data_u]))
-            teacher_logits = full_resolution(split_batch(cs_out, n)[1]).detach()
-        else:
             with torch.no_grad():
-                teacher_logits = full_resolution(self.teacher(self.primary_name)(data_u))
+                teacher_logits = self.aligned(self.primary_name, full_resolution(split_batch(cs_out, n)[1]).detach())
+        elif teacher_logits is None:
+            teacher_logits = self.teacher_logits(data_u)
         with torch.no_grad():
-            teacher_logits = self.aligned(self.primary_name, teacher_logits)
             cs_label_u, target_for_ds = self.pseudo_target(teacher_logits)
             ds_label_u = hard_pseudo_label(ds_logits_u, has_regions=False)
             agree = ds_label_u == cs_label_u
@@ -569,6 +589,22 @@ class DiffCLTrainer_dsEveryStep(DiffCLTrainer):
     default samples on one step in four and reuses it with its unlabeled patches on the three after it)."""
 
     ds_refresh_every = 1
+
+
+class DiffCLTrainer_teacherWithDS(DiffCLTrainer):
+    """The teacher's logits of the unlabeled batch computed when DS samples and reused with DS's for the
+    ``ds_refresh_every`` steps (``teacher_refresh_with_ds``): one teacher forward in four steps."""
+
+    teacher_refresh_with_ds = True
+
+
+class DiffCLTrainer_leanCached(DiffCLTrainer_teacherWithDS):
+    """The teacher cached with DS for ``ds_refresh_every`` steps, two unlabeled patches per three labeled ones and DS
+    at a quarter of the planned width, still learning from the unlabeled batch (unlike _leanStep): the cheapest
+    step that keeps every partner's unlabeled training."""
+
+    unlabeled_batch_ratio = 2 / 3
+    ds_width_fraction = 0.25
 
 
 class DiffCLTrainer_DDIM1(DiffCLTrainer):

@@ -37,6 +37,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from nnunetv2_diffcl.losses.pseudo_labels import (
     copy_paste,
@@ -83,9 +84,9 @@ def sigmoid_rampup(progress: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """Mean teacher (Tarvainen & Valpola, 2017): ema <- decay * ema + (1 - decay) * model, buffers copied."""
-    for e, m in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(m.detach(), alpha=1.0 - decay)
+    """Mean teacher (Tarvainen & Valpola, 2017): ema <- decay * ema + (1 - decay) * model, buffers copied. torch's
+    own multi-tensor EMA: one batched update instead of one per parameter (a tenth of a step's overhead, less)."""
+    get_ema_multi_avg_fn(decay)(list(ema.parameters()), [m.detach() for m in model.parameters()], None)
     for e, m in zip(ema.buffers(), model.buffers()):
         e.copy_(m)
 

@@ -88,9 +88,9 @@ def test_ds_pseudo_label_is_reused_for_k_steps_and_sampled_again_after(dataset_c
     patches = [torch.randn_like(batch[UNLABELED_KEY]["data"]) for _ in range(7)]
     served = [trainer.refreshed_ds_logits(p) for p in patches]
     assert [any(p is s for s in sampled) for p in patches] == [True, False, False, True, False, False, True]
-    for i, (data_u, logits) in enumerate(served):
+    for i, (data_u, logits, teacher) in enumerate(served):
         first = i - i % 3  # the step that sampled the label this step reuses
-        assert data_u is patches[first] and logits is served[first][1]
+        assert data_u is patches[first] and logits is served[first][1] and teacher is None  # the teacher's: not cached
         assert logits.shape[0] == data_u.shape[0] and not logits.requires_grad
     # in training: the step after a sampling step learns from the same unlabeled patch and samples nothing
     trainer.on_train_epoch_start()
@@ -102,6 +102,35 @@ def test_ds_pseudo_label_is_reused_for_k_steps_and_sampled_again_after(dataset_c
         assert np.isfinite(trainer.train_step(other)["loss"])
         trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
     assert len(sampled) == 2
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_teacher_logits_are_cached_with_ds_for_k_steps_when_asked(dataset_copy, in_process_env, cached):
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, variant(ds_refresh_every=3, teacher_refresh_with_ds=cached))
+    batch = fixed_batch(trainer)
+    calls = []
+    teacher = trainer.teacher_logits
+    trainer.teacher_logits = lambda data_u: calls.append(data_u) or teacher(data_u)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6 + 1  # past the warm-up, not a diagnostics step
+    served = []
+    for _ in range(6):
+        other = clone(batch)
+        other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
+        assert np.isfinite(trainer.train_step(other)["loss"])
+        served.append(trainer._ds_pseudo_cache[2])
+        trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
+    # cached: the teacher runs when DS samples (steps 1 and 4) and its logits serve the two steps after; else: on
+    # every step, and nothing of the teacher's is cached
+    assert len(calls) == (2 if cached else 6)
+    if cached:
+        assert served[0] is served[1] is served[2] and served[3] is served[4] is served[5]
+        assert served[0] is not served[3] and not served[0].requires_grad
+        assert calls[1] is trainer._ds_pseudo_cache[0]  # the teacher labelled the patches DS labelled
+    else:
+        assert all(s is None for s in served)
 
 
 @pytest.mark.parametrize("cls", [cps.CPSTrainer, DiffCLTrainer_tiny])
@@ -125,6 +154,7 @@ def test_unlabeled_batch_ratio(dataset_copy, in_process_env, cls):
     (cps.CPSTrainer, "unlabeled_batch_ratio", 0.0, "unlabeled_batch_ratio must be > 0"),
     (diffcl.DiffCLTrainer, "ds_refresh_every", 0, "ds_refresh_every must be a whole number >= 1"),
     (diffcl.DiffCLTrainer, "ds_refresh_every", 2.5, "ds_refresh_every must be a whole number >= 1"),
+    (diffcl.DiffCLTrainer, "teacher_refresh_with_ds", "yes", "teacher_refresh_with_ds must be True or False"),
 ])
 def test_bad_cost_settings_are_refused(dataset_copy, in_process_env, cls, attribute, value, message):
     in_process_env(dataset_copy)
