@@ -65,14 +65,8 @@ SETTINGS: dict[str, dict] = {
                                                          "unlabeled_batch_ratio": 1 / 3},
     "DS sampled every step": {"ds_refresh_every": 1},
     "DS sampled every 2 steps": {"ds_refresh_every": 2},
-    "teacher with DS": {"teacher_refresh_with_ds": True},
-    "teacher with DS, unlabeled batch 2/3": {"teacher_refresh_with_ds": True, "unlabeled_batch_ratio": 2 / 3},
-    "teacher with DS, unlabeled batch 1/3": {"teacher_refresh_with_ds": True, "unlabeled_batch_ratio": 1 / 3},
-    "teacher with DS, DS labeled only": {"teacher_refresh_with_ds": True, "ds_on_unlabeled": False},
-    "teacher with DS, unlabeled batch 2/3, DS width 1/4": {"teacher_refresh_with_ds": True,
-                                                            "unlabeled_batch_ratio": 2 / 3, "ds_width_fraction": 0.25},
-    "teacher with DS, unlabeled batch 2/3, DS labeled only": {"teacher_refresh_with_ds": True,
-                                                               "unlabeled_batch_ratio": 2 / 3, "ds_on_unlabeled": False},
+    "teacher on every step": {"teacher_refresh_with_ds": False},
+    "unlabeled batch 2/3, DS labeled only": {"unlabeled_batch_ratio": 2 / 3, "ds_on_unlabeled": False},
 }
 
 
@@ -225,22 +219,34 @@ def step_breakdown(device: torch.device, dataset: str, configuration: str, name:
         trainer.loss(split_batch(out, n)[0], target).backward()
         trainer.auxiliary["ds"].module.zero_grad(set_to_none=True)
 
-    parts = {"teacher forward": teacher, f"DDIM sampling (S={trainer.ddim_steps})": lambda: trainer.ds_pseudo_logits(
-        data_u), "CS forward + backward": cs, "DS forward + backward": ds}
+    k = trainer.ds_refresh_every
+    # the parts that run once per k steps (DDIM sampling; the teacher when cached with it) and the whole step are
+    # reported per step: one in k of the part, k whole steps divided by k
+    per_step = {f"DDIM sampling (S={trainer.ddim_steps}, 1 step in {k})": k,
+                "teacher forward" + (f" (1 step in {k})" if trainer.caches_teacher_logits else ""):
+                    k if trainer.caches_teacher_logits else 1, "whole step": k}
+    teacher_name, ddim_name = list(per_step)[1], list(per_step)[0]
+    parts = {teacher_name: teacher, ddim_name: lambda: trainer.ds_pseudo_logits(data_u),
+             "CS forward + backward": cs, "DS forward + backward": ds}
     if trainer.use_contrastive:
         parts["projection head + contrastive loss"] = cs_with_head
     batch_for_step = {**batch, UNLABELED_KEY: {**batch[UNLABELED_KEY], "data": batch[UNLABELED_KEY]["data"][
         : trainer.unlabeled_batch_size]}}
-    parts["whole step"] = lambda: trainer.train_step(batch_for_step)
-    times: dict[str, list[float]] = {k: [] for k in parts}
+
+    def whole_steps() -> None:
+        for _ in range(k):
+            if trainer.ssl_step % trainer.diagnostics_every == 0:
+                trainer.ssl_step += 1
+            trainer.train_step(batch_for_step)
+
+    parts["whole step"] = whole_steps
+    times: dict[str, list[float]] = {name: [] for name in parts}
     for fn in parts.values():
         fn()
     for _ in range(repeats):
-        for k, fn in parts.items():
-            if k == "whole step" and trainer.ssl_step % trainer.diagnostics_every == 0:
-                trainer.ssl_step += 1
-            times[k].append(timed(device, fn))
-    medians = {k: min(v) for k, v in times.items()}  # least disturbed by other work on a shared machine
+        for name, fn in parts.items():
+            times[name].append(timed(device, fn) / per_step.get(name, 1))
+    medians = {name: min(v) for name, v in times.items()}  # least disturbed by other work on a shared machine
     if "projection head + contrastive loss" in medians:  # measured as CS with the head; the head alone:
         medians["projection head + contrastive loss"] -= medians["CS forward + backward"]
     medians["rest (losses, masks, optimiser steps, EMA)"] = medians["whole step"] - sum(

@@ -30,6 +30,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_DDIM5,
     DiffCLTrainer_DDIM10,
     DiffCLTrainer_DDIM20,
+    DiffCLTrainer_doubleUnlabeled,
     DiffCLTrainer_dsEveryStep,
     DiffCLTrainer_dsLabeledOnly,
     DiffCLTrainer_dsScale01,
@@ -57,7 +58,7 @@ from nnunetv2_diffcl.trainers.diffcl import (
     DiffCLTrainer_strongRestyle,
     DiffCLTrainer_studentClutter,
     DiffCLTrainer_styledPaste,
-    DiffCLTrainer_teacherWithDS,
+    DiffCLTrainer_teacherEveryStep,
     DiffCLTrainer_uncut,
 )
 from nnunetv2_diffcl.trainers.hf_mamba import HFMambaTrainer
@@ -106,7 +107,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_measuredTrust,
     DiffCLTrainer_original,
     DiffCLTrainer_dsEveryStep,
-    DiffCLTrainer_teacherWithDS,
+    DiffCLTrainer_teacherEveryStep,
     DiffCLTrainer_DDIM1,
     DiffCLTrainer_DDIM3,
     DiffCLTrainer_DDIM5,
@@ -114,6 +115,7 @@ PLUGIN_TRAINERS: list = [
     DiffCLTrainer_DDIM20,
     DiffCLTrainer_uncut,
     DiffCLTrainer_dsLabeledOnly,
+    DiffCLTrainer_doubleUnlabeled,
     DiffCLTrainer_halfUnlabeled,
     DiffCLTrainer_strongIntensity,
     DiffCLTrainer_aligned,

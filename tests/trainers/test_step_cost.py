@@ -90,7 +90,7 @@ def test_ds_pseudo_label_is_reused_for_k_steps_and_sampled_again_after(dataset_c
     assert [any(p is s for s in sampled) for p in patches] == [True, False, False, True, False, False, True]
     for i, (data_u, logits, teacher) in enumerate(served):
         first = i - i % 3  # the step that sampled the label this step reuses
-        assert data_u is patches[first] and logits is served[first][1] and teacher is None  # the teacher's: not cached
+        assert data_u is patches[first] and logits is served[first][1] and teacher is served[first][2]
         assert logits.shape[0] == data_u.shape[0] and not logits.requires_grad
     # in training: the step after a sampling step learns from the same unlabeled patch and samples nothing
     trainer.on_train_epoch_start()
