@@ -222,10 +222,10 @@ def step_breakdown(device: torch.device, dataset: str, configuration: str, name:
     k = trainer.ds_refresh_every
     # the parts that run once per k steps (DDIM sampling; the teacher when cached with it) and the whole step are
     # reported per step: one in k of the part, k whole steps divided by k
-    per_step = {f"DDIM sampling (S={trainer.ddim_steps}, 1 step in {k})": k,
-                "teacher forward" + (f" (1 step in {k})" if trainer.caches_teacher_logits else ""):
-                    k if trainer.caches_teacher_logits else 1, "whole step": k}
-    teacher_name, ddim_name = list(per_step)[1], list(per_step)[0]
+    teacher_every = k if trainer.caches_teacher_logits else 1
+    teacher_name = "teacher forward" + (f" (1 step in {k})" if teacher_every > 1 else "")
+    ddim_name = f"DDIM sampling (S={trainer.ddim_steps}, 1 step in {k})"
+    per_step = {teacher_name: teacher_every, ddim_name: k, "whole step": k}
     parts = {teacher_name: teacher, ddim_name: lambda: trainer.ds_pseudo_logits(data_u),
              "CS forward + backward": cs, "DS forward + backward": ds}
     if trainer.use_contrastive:

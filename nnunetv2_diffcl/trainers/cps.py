@@ -62,8 +62,7 @@ class CPSTrainer(SemiSupervisedTrainer):
             zero = torch.zeros((), device=data.device)
             return terms["sup_a"] + terms["sup_b"], {**terms, "pseudo_a": zero, "pseudo_b": zero}
         n = data.shape[0]
-        if (self.student_sees_teacher_input and not self.ema_teacher and not self.masks_pseudo_labels
-                and not self.distribution_alignment):
+        if self.teacher_is_student_forward and not self.masks_pseudo_labels and not self.distribution_alignment:
             # the original CPS: one pass per network, each one's unlabeled output teaches the other
             labeled_a, unlabeled_a = split_batch(self.network(torch.cat([data, data_u])), n)
             labeled_b, unlabeled_b = split_batch(network_b(torch.cat([data, data_u])), n)

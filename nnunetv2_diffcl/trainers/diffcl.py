@@ -36,6 +36,7 @@ unlabeled voxels that CS learns from, and each network's gradient norm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -185,7 +186,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             raise RuntimeError(f"{self.__class__.__name__} supports plain label maps only (no region-based "
                                f"training, no ignore label); this dataset's labels: {self.dataset_json['labels']}")
         super().initialize()
-        self._ds_pseudo_cache: list | None = None  # [unlabeled batch, DS's and the teacher's logits, steps served]
+        self._ds_pseudo_cache: PseudoLabelCache | None = None
         self.logger.local_logger.add_terms([f"ds_dice_l_S{s}" for s in self.diagnostic_ddim_steps])
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
                                f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps} "
@@ -265,18 +266,19 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         The teacher's logits are cached with them when ``teacher_refresh_with_ds`` (else None: the step runs the
         teacher itself)."""
         cache = self._ds_pseudo_cache
-        if cache is None or cache[3] >= self.ds_refresh_every or cache[0].shape != data_u.shape:
+        if cache is None or cache.served >= self.ds_refresh_every or cache.data_u.shape != data_u.shape:
             with torch.no_grad():
                 teacher = self.teacher_logits(data_u) if self.caches_teacher_logits else None
-                cache = self._ds_pseudo_cache = [data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), teacher, 0]
-        cache[3] += 1
-        return cache[0], cache[1], cache[2]
+                cache = self._ds_pseudo_cache = PseudoLabelCache(
+                    data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), teacher)
+        cache.served += 1
+        return cache.data_u, cache.ds_logits, cache.teacher_logits
 
     @property
     def caches_teacher_logits(self) -> bool:
         """Whether the teacher's logits are cached with DS's: asked for, and the teacher is a pass of its own (not
         CS's forward on the student's own input)."""
-        return self.teacher_refresh_with_ds and not (self.student_sees_teacher_input and not self.ema_teacher)
+        return self.teacher_refresh_with_ds and not self.teacher_is_student_forward
 
     @torch.no_grad()
     def teacher_logits(self, data_u: torch.Tensor) -> torch.Tensor:
@@ -357,8 +359,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
 
         data_u, ds_logits_u, teacher_logits = self.refreshed_ds_logits(data_u)
         cs_out = cs_features = None
-        if self.student_sees_teacher_input and not self.ema_teacher:
-            # the teacher is CS itself on the same input: the student's forward pass serves both
+        if self.teacher_is_student_forward:  # the student's forward pass serves both
             cs_out, cs_features = forward_capturing_features(self.network, self._bare(self.network).decoder,
                                                              torch.cat([data, data_u]))
             with torch.no_grad():
@@ -408,6 +409,17 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         terms["pseudo_kept"] = float((target_for_cs != self.ignore_value).float().mean())
         terms.update(self._labeled_diagnostics(data, target_full, full_resolution(cs_l)))
         return total, terms
+
+
+@dataclass
+class PseudoLabelCache:
+    """An unlabeled batch with DS's (and, when cached, the teacher's) aligned logits for it, and how many steps it
+    has served (``ds_refresh_every``)."""
+
+    data_u: torch.Tensor
+    ds_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None
+    served: int = 0
 
 
 class BranchDiceRecord(nn.Module):

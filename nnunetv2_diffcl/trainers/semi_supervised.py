@@ -461,6 +461,12 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
                 and self.student_appearance == "unlabeled" and self.student_bias_field == 0.0)
 
     @property
+    def teacher_is_student_forward(self) -> bool:
+        """Whether the teacher is the student itself on the student's own input (no EMA, no perturbation): then the
+        student's forward pass gives the teacher's output too, and no teacher pass of its own runs."""
+        return self.student_sees_teacher_input and not self.ema_teacher
+
+    @property
     def masks_pseudo_labels(self) -> bool:
         """Whether ``pseudo_target`` can leave voxels out (threshold, background threshold, empty patches), so the
         pseudo-label loss needs the ignore label and the teachers' labels must go through ``pseudo_target``."""

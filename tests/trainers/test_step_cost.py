@@ -120,7 +120,7 @@ def test_teacher_logits_are_cached_with_ds_for_k_steps_when_asked(dataset_copy, 
         other = clone(batch)
         other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
         assert np.isfinite(trainer.train_step(other)["loss"])
-        served.append(trainer._ds_pseudo_cache[2])
+        served.append(trainer._ds_pseudo_cache.teacher_logits)
         trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
     # cached: the teacher runs when DS samples (steps 1 and 4) and its logits serve the two steps after; else: on
     # every step, and nothing of the teacher's is cached
@@ -128,7 +128,7 @@ def test_teacher_logits_are_cached_with_ds_for_k_steps_when_asked(dataset_copy, 
     if cached:
         assert served[0] is served[1] is served[2] and served[3] is served[4] is served[5]
         assert served[0] is not served[3] and not served[0].requires_grad
-        assert calls[1] is trainer._ds_pseudo_cache[0]  # the teacher labelled the patches DS labelled
+        assert calls[1] is trainer._ds_pseudo_cache.data_u  # the teacher labelled the patches DS labelled
     else:
         assert all(s is None for s in served)
 
