@@ -107,3 +107,25 @@ def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float
     out, and NaN when every class is absent (nothing to measure)."""
     scores = [d for d in class_dice(a, b, num_classes) if d == d]
     return float(sum(scores) / len(scores)) if scores else float("nan")
+
+
+@torch.no_grad()
+def rare_class_first(labels: torch.Tensor, n: int, forced: int, num_classes: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of ``n`` of the patches of ``labels`` (P, 1, ...; a teacher's label maps): first the ``forced``
+    patches with the most voxels of the rarest foreground class in all of them (only patches that hold it), then
+    patches drawn at random from the rest. nnU-Net oversamples foreground this way for labeled patches; for
+    unlabeled ones the teacher's label stands in for the ground truth."""
+    patches = labels.shape[0]
+    if not 0 <= forced <= n <= patches:
+        raise ValueError(f"rare_class_first needs 0 <= forced ({forced}) <= n ({n}) <= patches ({patches})")
+    flat = labels.reshape(patches, -1).long()
+    counts = torch.stack([(flat == c).sum(1) for c in range(1, num_classes)], 1)  # (P, K - 1)
+    totals = counts.sum(0)
+    chosen: list[int] = []
+    if forced and bool((totals > 0).any()):
+        rare = int(torch.where(totals > 0, totals, totals.max() + 1).argmin())
+        ranked = torch.argsort(counts[:, rare], descending=True, stable=True)
+        chosen = [int(i) for i in ranked[:forced] if counts[i, rare] > 0]
+    rest = [int(i) for i in torch.randperm(patches, generator=generator) if int(i) not in chosen]
+    return torch.tensor(chosen + rest[: n - len(chosen)], dtype=torch.long, device=labels.device)

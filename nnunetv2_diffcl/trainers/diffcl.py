@@ -57,6 +57,7 @@ from nnunetv2_diffcl.losses.pseudo_labels import (
     foreground_dice,
     full_resolution,
     hard_pseudo_label,
+    rare_class_first,
     split_batch,
     targets_like,
 )
@@ -126,6 +127,11 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     # EMA teacher moves by about 1 - 0.99^k of its distance to CS in k steps); False: the teacher runs on every step.
     # True since the eleventh session: Dice 0.657 +- 0.005 against 0.652 +- 0.017, one teacher forward in four
     teacher_refresh_with_ds: bool = True
+    # the unlabeled batches of the last p steps are the pool DS's next batch is drawn from when DS samples: the
+    # teacher labels the pool, ``oversample_foreground_percent`` of the batch (nnU-Net's share for labeled patches)
+    # are the pool's patches with the most teacher voxels of the rarest class, the rest random (rare_class_first);
+    # 1: the current step's batch as the loader gives it
+    pseudo_label_pool: int = 1
     ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
     ds_width_fraction: float = 0.5        # DS's features per stage as a fraction of the planned ones (was 1)
     ds_on_unlabeled: bool = True          # DS also learns CS's pseudo-labels on the unlabeled batch (else labeled only)
@@ -176,6 +182,10 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             raise ValueError(f"{self.__class__.__name__}: ds_refresh_every must be a whole number >= 1 (steps between "
                              f"two DDIM samplings of DS's pseudo-label; 1 samples on every step), got "
                              f"{self.ds_refresh_every!r}")
+        if not (isinstance(self.pseudo_label_pool, int) and 1 <= self.pseudo_label_pool <= self.ds_refresh_every):
+            raise ValueError(f"{self.__class__.__name__}: pseudo_label_pool must be a whole number in [1, "
+                             f"ds_refresh_every = {self.ds_refresh_every}] (the steps whose unlabeled batches DS's "
+                             f"next batch is drawn from), got {self.pseudo_label_pool!r}")
         if not isinstance(self.teacher_refresh_with_ds, bool):
             raise ValueError(f"{self.__class__.__name__}: teacher_refresh_with_ds must be True or False (whether the "
                              f"teacher's logits are cached with DS's for ds_refresh_every steps), got "
@@ -187,6 +197,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                                f"training, no ignore label); this dataset's labels: {self.dataset_json['labels']}")
         super().initialize()
         self._ds_pseudo_cache: PseudoLabelCache | None = None
+        self._unlabeled_pool: list[torch.Tensor] = []
         self.logger.local_logger.add_terms([f"ds_dice_l_S{s}" for s in self.diagnostic_ddim_steps])
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
                                f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps} "
@@ -258,17 +269,31 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         # DS samples anew on each epoch's first step: nnU-Net checkpoints at an epoch's end, so a resumed training
         # (--c) continues exactly as an uninterrupted one without the cached patches in the checkpoint
         self._ds_pseudo_cache = None
+        self._unlabeled_pool = []
 
     def refreshed_ds_logits(self, data_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(unlabeled batch, DS's aligned pseudo-label logits for it, the teacher's aligned logits for it or None).
         With ``ds_refresh_every = k`` DS samples on one step in k, counted from each epoch's first step; the k - 1
         steps after it reuse that batch with its logits, since DS's label belongs to the patch it was sampled for.
         The teacher's logits are cached with them when ``teacher_refresh_with_ds`` (else None: the step runs the
-        teacher itself)."""
+        teacher itself). With ``pseudo_label_pool = p`` the batch is drawn from the last p steps' batches."""
         cache = self._ds_pseudo_cache
+        if self.pseudo_label_pool > 1:
+            self._unlabeled_pool = (self._unlabeled_pool + [data_u])[-self.pseudo_label_pool:]
         if cache is None or cache.served >= self.ds_refresh_every or cache.data_u.shape != data_u.shape:
             with torch.no_grad():
-                teacher = self.teacher_logits(data_u) if self.caches_teacher_logits else None
+                teacher = None
+                if len(self._unlabeled_pool) > 1:
+                    pool = torch.cat(self._unlabeled_pool)
+                    pool_logits = self.teacher_logits(pool)
+                    n = data_u.shape[0]
+                    forced = n - round(n * (1 - self.oversample_foreground_percent))
+                    chosen = rare_class_first(hard_pseudo_label(pool_logits, has_regions=False), n, forced,
+                                              self.num_classes)
+                    data_u = pool[chosen]
+                    teacher = pool_logits[chosen] if self.caches_teacher_logits else None
+                elif self.caches_teacher_logits:
+                    teacher = self.teacher_logits(data_u)
                 cache = self._ds_pseudo_cache = PseudoLabelCache(
                     data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), teacher)
         cache.served += 1
@@ -632,6 +657,33 @@ class DiffCLTrainer_leanCached(DiffCLTrainer):
 
     unlabeled_batch_ratio = 2 / 3
     ds_width_fraction = 0.25
+
+
+class DiffCLTrainer_pseudoThird(DiffCLTrainer):
+    """The students learn pseudo-labels from one unlabeled patch of the three loaded per step
+    (``pseudo_label_batch_ratio = 1/3``), while all three still give the labeled batch its looks (a smaller unlabeled
+    batch, ``_halfUnlabeled``, takes looks away too); DS samples that patch on one step in two (``ds_refresh_every =
+    2``), so a new pseudo-labelled patch comes every other step. A cheaper step, measured for Dice in
+    docs/benchmarks.md."""
+
+    pseudo_label_batch_ratio = 1 / 3
+    ds_refresh_every = 2
+
+
+class DiffCLTrainer_pseudoTwoThirds(DiffCLTrainer):
+    """The students learn pseudo-labels from two unlabeled patches of the three loaded per step
+    (``pseudo_label_batch_ratio = 2/3``); all three still give the labeled batch its looks. Against
+    ``_halfUnlabeled`` (two patches loaded, so two looks) it separates the looks from the pseudo-labelled patches."""
+
+    pseudo_label_batch_ratio = 2 / 3
+
+
+class DiffCLTrainer_rarePool(DiffCLTrainer):
+    """DS's next unlabeled batch is drawn from the last two steps' batches, one patch of three being the one with
+    the most teacher voxels of the rarest class (``pseudo_label_pool = 2``): nnU-Net's foreground oversampling for
+    the pseudo-labelled patches, where the lesion is in about a third of the benchmark's slices."""
+
+    pseudo_label_pool = 2
 
 
 class DiffCLTrainer_DDIM1(DiffCLTrainer):

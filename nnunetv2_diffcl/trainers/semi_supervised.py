@@ -221,6 +221,10 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     # unlabeled patches per step as a share of nnU-Net's planned (labeled) batch size: the unlabeled batch is
     # max(1, round(ratio x batch size)); below 1 it cuts the step's cost
     unlabeled_batch_ratio: float = 1.0
+    # the patches of the unlabeled batch that the networks learn pseudo-labels from, as a share of it (the first
+    # max(1, round(ratio x unlabeled batch))); every patch still lends its look to the labeled batch's restyle, so
+    # below 1 the step is cheaper while the labeled batch keeps as many looks per step
+    pseudo_label_batch_ratio: float = 1.0
     # on a dataset of a further self-training round (pseudo-labelled cases listed in dataset.json, self_training.py):
     # the share of training patches drawn from the ground-truth cases, which a uniform draw gives only their count's
     # share (4 of 52 on the benchmark); None: nnU-Net's uniform draw
@@ -297,6 +301,10 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
         if not self.unlabeled_batch_ratio > 0:
             raise ValueError(f"{self.__class__.__name__}: unlabeled_batch_ratio must be > 0 (unlabeled patches per "
                              f"labeled patch), got {self.unlabeled_batch_ratio}")
+        if not 0.0 < self.pseudo_label_batch_ratio <= 1.0:
+            raise ValueError(f"{self.__class__.__name__}: pseudo_label_batch_ratio must lie in (0, 1] (the share of "
+                             f"the unlabeled batch that the networks learn pseudo-labels from), got "
+                             f"{self.pseudo_label_batch_ratio}")
         if not 0.0 <= self.alignment_momentum < 1.0:
             raise ValueError(f"{self.__class__.__name__}: alignment_momentum must lie in [0, 1), got "
                              f"{self.alignment_momentum}")
@@ -374,6 +382,11 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
     @property
     def unlabeled_batch_size(self) -> int:
         return max(1, round(self.unlabeled_batch_ratio * self.batch_size))
+
+    @property
+    def pseudo_label_batch_size(self) -> int:
+        """Unlabeled patches per step that the networks learn pseudo-labels from (the first of the unlabeled batch)."""
+        return max(1, round(self.pseudo_label_batch_ratio * self.unlabeled_batch_size))
 
     @property
     def ignore_value(self) -> int:
@@ -595,7 +608,7 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             optimizer.zero_grad(set_to_none=True)
         data = self.labeled_input(data, data_u, weight)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            total, terms = self.compute_losses(data, target, data_u, weight)
+            total, terms = self.compute_losses(data, target, data_u[: self.pseudo_label_batch_size], weight)
         self.ssl_step += 1
         logged = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
         logged[WEIGHT_TERM] = weight

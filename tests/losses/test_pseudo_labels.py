@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunetv2_diffcl.losses.pseudo_labels import hard_pseudo_label, pseudo_label_targets, split_batch
+from nnunetv2_diffcl.losses.pseudo_labels import (
+    hard_pseudo_label,
+    pseudo_label_targets,
+    rare_class_first,
+    split_batch,
+)
 
 
 @pytest.mark.parametrize("spatial", [(8, 8), (8, 6, 4)])
@@ -35,3 +40,27 @@ def test_split_batch():
     assert [t.tolist() for t in a] == [[0, 1], [0, 2]] and [t.tolist() for t in b] == [[2, 3, 4], [4, 6, 8]]
     x, y = split_batch(torch.arange(3), 1)
     assert x.tolist() == [0] and y.tolist() == [1, 2]
+
+
+def test_rare_class_first_known_patches():
+    # six 4 x 4 patches; class 2 (the rarer: 1 + 3 voxels against class 1's 20) lies in patches 1 and 4, most in 4
+    labels = torch.zeros(6, 1, 4, 4, dtype=torch.long)
+    labels[0, 0, :2] = 1
+    labels[1, 0, 0, 0] = 2
+    labels[2, 0, 2:] = 1
+    labels[4, 0, 3, :3] = 2
+    labels[5, 0, 1:2] = 1
+    generator = torch.Generator().manual_seed(0)
+    chosen = rare_class_first(labels, 3, 2, 3, generator)
+    assert chosen[:2].tolist() == [4, 1]  # most voxels of class 2 first, then the other patch that holds it
+    assert len(set(chosen.tolist())) == 3  # the third drawn from the rest, no patch twice
+    only_one = labels.clone()
+    only_one[1] = 0
+    chosen = rare_class_first(only_one, 3, 2, 3, generator)
+    assert chosen[0] == 4 and 4 not in chosen[1:].tolist()  # a patch without the class is not forced
+    assert sorted(rare_class_first(torch.zeros(5, 1, 2, 2), 5, 1, 3).tolist()) == list(range(5))  # no foreground
+
+
+def test_rare_class_first_refuses_impossible_counts():
+    with pytest.raises(ValueError, match=r"0 <= forced \(4\) <= n \(3\) <= patches \(6\)"):
+        rare_class_first(torch.zeros(6, 1, 2, 2), 3, 4, 3)

@@ -1,5 +1,6 @@
 """The settings that cut DiffCLTrainer's step: head on sampled voxels, DS width, DS on labeled data only, the
-unlabeled batch ratio, DDIM steps and the in-training Dice-versus-S diagnostics; their bad values."""
+unlabeled batch ratio, the share of it learnt from, DDIM steps and the in-training Dice-versus-S diagnostics; their
+bad values."""
 
 from __future__ import annotations
 
@@ -133,6 +134,33 @@ def test_teacher_logits_are_cached_with_ds_for_k_steps_when_asked(dataset_copy, 
         assert all(s is None for s in served)
 
 
+def test_pseudo_label_pool_draws_ds_batch_from_the_last_steps(dataset_copy, in_process_env):
+    """With a pool of 2, DS's batch is drawn from the two last steps' patches, which the teacher labels once."""
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, variant(ds_refresh_every=2, pseudo_label_pool=2))
+    batch = fixed_batch(trainer)
+    calls = []
+    teacher = trainer.teacher_logits
+    trainer.teacher_logits = lambda data_u: calls.append(data_u) or teacher(data_u)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6 + 1  # past the warm-up, not a diagnostics step
+    seen = []
+    for _ in range(3):
+        other = clone(batch)
+        other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
+        seen.append(other[UNLABELED_KEY]["data"])
+        assert np.isfinite(trainer.train_step(other)["loss"])
+        trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
+    # step 1 samples its own batch (no pool yet); step 3 draws from steps 2 and 3
+    assert [c.shape[0] for c in calls] == [2, 4]
+    pool = torch.cat(seen[1:])
+    drawn = trainer._ds_pseudo_cache.data_u
+    assert drawn.shape[0] == 2
+    assert all(any(torch.equal(patch, p) for p in pool) for patch in drawn)
+    assert not torch.equal(drawn[0], drawn[1])
+
+
 @pytest.mark.parametrize("cls", [cps.CPSTrainer, DiffCLTrainer_tiny])
 def test_unlabeled_batch_ratio(dataset_copy, in_process_env, cls):
     in_process_env(dataset_copy)
@@ -146,15 +174,42 @@ def test_unlabeled_batch_ratio(dataset_copy, in_process_env, cls):
     assert np.isfinite(trainer.train_step(clone(batch))["loss"])
 
 
+@pytest.mark.parametrize("cls", [cps.CPSTrainer, DiffCLTrainer_tiny])
+def test_pseudo_label_batch_ratio_keeps_every_look(dataset_copy, in_process_env, cls):
+    """The students learn from the first patch of two, while both give the labeled batch its looks."""
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, type("PseudoHalf", (cls,), {"pseudo_label_batch_ratio": 0.5}))
+    batch = fixed_batch(trainer)
+    assert trainer.unlabeled_batch_size == 2 and trainer.pseudo_label_batch_size == 1
+    looks, learnt = [], []
+    labeled_input, compute_losses = trainer.labeled_input, trainer.compute_losses
+    trainer.labeled_input = lambda data, data_u, weight: looks.append(data_u) or labeled_input(data, data_u, weight)
+    trainer.compute_losses = lambda data, target, data_u, weight: (learnt.append(data_u)
+                                                                   or compute_losses(data, target, data_u, weight))
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6  # past the warm-up: the restyle and the unlabeled terms run
+    assert np.isfinite(trainer.train_step(clone(batch))["loss"])
+    unlabeled = batch[UNLABELED_KEY]["data"]
+    assert torch.equal(looks[0].cpu(), unlabeled)
+    assert torch.equal(learnt[0].cpu(), unlabeled[:1])
+    if cls is DiffCLTrainer_tiny:  # DS labelled that one patch
+        assert trainer._ds_pseudo_cache.data_u.shape[0] == 1
+
+
 @pytest.mark.parametrize("cls, attribute, value, message", [
     (diffcl.DiffCLTrainer, "ds_width_fraction", 0.0, r"ds_width_fraction must lie in \(0, 1\]"),
     (diffcl.DiffCLTrainer, "ds_width_fraction", 1.5, r"ds_width_fraction must lie in \(0, 1\]"),
     (diffcl.DiffCLTrainer, "ddim_steps", 0, r"ddim_steps \(0\) and diagnostic_ddim_steps .* \[1, "),
     (diffcl.DiffCLTrainer, "diagnostic_ddim_steps", (2, 5000), r"\(\(2, 5000\); nnUNet_diffcl_diagnostic_ddim_steps\)"),
     (cps.CPSTrainer, "unlabeled_batch_ratio", 0.0, "unlabeled_batch_ratio must be > 0"),
+    (cps.CPSTrainer, "pseudo_label_batch_ratio", 0.0, r"pseudo_label_batch_ratio must lie in \(0, 1\]"),
+    (diffcl.DiffCLTrainer, "pseudo_label_batch_ratio", 1.5, r"pseudo_label_batch_ratio must lie in \(0, 1\]"),
     (diffcl.DiffCLTrainer, "ds_refresh_every", 0, "ds_refresh_every must be a whole number >= 1"),
     (diffcl.DiffCLTrainer, "ds_refresh_every", 2.5, "ds_refresh_every must be a whole number >= 1"),
     (diffcl.DiffCLTrainer, "teacher_refresh_with_ds", "yes", "teacher_refresh_with_ds must be True or False"),
+    (diffcl.DiffCLTrainer, "pseudo_label_pool", 5, r"pseudo_label_pool must be a whole number in \[1, "),
+    (diffcl.DiffCLTrainer, "pseudo_label_pool", 0, r"pseudo_label_pool must be a whole number in \[1, "),
 ])
 def test_bad_cost_settings_are_refused(dataset_copy, in_process_env, cls, attribute, value, message):
     in_process_env(dataset_copy)
