@@ -105,24 +105,33 @@ def test_ds_pseudo_label_is_reused_for_k_steps_and_sampled_again_after(dataset_c
     assert len(sampled) == 2
 
 
+def post_warmup_steps(trainer, batch: dict, steps: int, after_step=None) -> tuple[list, list]:
+    """``steps`` training steps past the warm-up (none a diagnostics step), each on new random unlabeled patches:
+    the teacher's inputs and the unlabeled batches, in order; ``after_step(trainer)`` runs after each step."""
+    calls, seen = [], []
+    teacher = trainer.teacher_logits
+    trainer.teacher_logits = lambda data_u: calls.append(data_u) or teacher(data_u)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6 + 1
+    for _ in range(steps):
+        other = clone(batch)
+        other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
+        seen.append(other[UNLABELED_KEY]["data"])
+        assert np.isfinite(trainer.train_step(other)["loss"])
+        if after_step is not None:
+            after_step(trainer)
+        trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
+    return calls, seen
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_teacher_logits_are_cached_with_ds_for_k_steps_when_asked(dataset_copy, in_process_env, cached):
     in_process_env(dataset_copy)
     torch.manual_seed(0)
     trainer = make_trainer(dataset_copy, variant(ds_refresh_every=3, teacher_refresh_with_ds=cached))
-    batch = fixed_batch(trainer)
-    calls = []
-    teacher = trainer.teacher_logits
-    trainer.teacher_logits = lambda data_u: calls.append(data_u) or teacher(data_u)
-    trainer.on_train_epoch_start()
-    trainer.ssl_step = 10 ** 6 + 1  # past the warm-up, not a diagnostics step
     served = []
-    for _ in range(6):
-        other = clone(batch)
-        other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
-        assert np.isfinite(trainer.train_step(other)["loss"])
-        served.append(trainer._ds_pseudo_cache.teacher_logits)
-        trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
+    calls, _ = post_warmup_steps(trainer, fixed_batch(trainer), 6,
+                                 lambda t: served.append(t._ds_pseudo_cache.teacher_logits))
     # cached: the teacher runs when DS samples (steps 1 and 4) and its logits serve the two steps after; else: on
     # every step, and nothing of the teacher's is cached
     assert len(calls) == (2 if cached else 6)
@@ -139,19 +148,7 @@ def test_pseudo_label_pool_draws_ds_batch_from_the_last_steps(dataset_copy, in_p
     in_process_env(dataset_copy)
     torch.manual_seed(0)
     trainer = make_trainer(dataset_copy, variant(ds_refresh_every=2, pseudo_label_pool=2))
-    batch = fixed_batch(trainer)
-    calls = []
-    teacher = trainer.teacher_logits
-    trainer.teacher_logits = lambda data_u: calls.append(data_u) or teacher(data_u)
-    trainer.on_train_epoch_start()
-    trainer.ssl_step = 10 ** 6 + 1  # past the warm-up, not a diagnostics step
-    seen = []
-    for _ in range(3):
-        other = clone(batch)
-        other[UNLABELED_KEY]["data"] = torch.randn_like(batch[UNLABELED_KEY]["data"])
-        seen.append(other[UNLABELED_KEY]["data"])
-        assert np.isfinite(trainer.train_step(other)["loss"])
-        trainer.ssl_step += trainer.ssl_step % trainer.diagnostics_every == 0
+    calls, seen = post_warmup_steps(trainer, fixed_batch(trainer), 3)
     # step 1 samples its own batch (no pool yet); step 3 draws from steps 2 and 3
     assert [c.shape[0] for c in calls] == [2, 4]
     pool = torch.cat(seen[1:])
