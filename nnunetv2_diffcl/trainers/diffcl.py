@@ -201,7 +201,8 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         self.logger.local_logger.add_terms([f"ds_dice_l_S{s}" for s in self.diagnostic_ddim_steps])
         self.print_to_log_file(f"Diff-CL: mu1 {self.mu1}, mu2 {self.mu2}, eta {self.eta}, T "
                                f"{self.diffusion_timesteps} ({self.noise_schedule}), DDIM steps {self.ddim_steps} "
-                               f"(sampled every {self.ds_refresh_every} step(s)), "
+                               f"(sampled every {self.ds_refresh_every} step(s), drawn from the last "
+                               f"{self.pseudo_label_pool} step(s)' patches), "
                                f"label signal scale {self.ds_signal_scale}, DS width {self.ds_width_fraction}, DS "
                                f"on unlabeled data {self.ds_on_unlabeled}, DS labels only where DS and CS agree "
                                f"{self.ds_label_agreement} (DS's veto earned per class {self.ds_trust_measured}), "

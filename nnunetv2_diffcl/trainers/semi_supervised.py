@@ -542,7 +542,8 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             f"student perturbation {self.student_perturbation}{' + intensity' if self.student_intensity else ''}, "
             f"student appearance {self.student_appearance} (bias field up to {self.student_bias_field}), pasted "
             f"appearance {self.pasted_appearance}, labeled appearance {self.labeled_appearance} (bias field up to "
-            f"{self.labeled_bias_field}), EMA teacher "
+            f"{self.labeled_bias_field}), pseudo-labels learnt from {self.pseudo_label_batch_size} of "
+            f"{self.unlabeled_batch_size} unlabeled patches, EMA teacher "
             f"{self.ema_decay if self.ema_teacher else 'no'}")
         if self.is_ddp:
             for aux in self.auxiliary.values():
