@@ -283,22 +283,25 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
             self._unlabeled_pool = (self._unlabeled_pool + [data_u])[-self.pseudo_label_pool:]
         if cache is None or cache.served >= self.ds_refresh_every or cache.data_u.shape != data_u.shape:
             with torch.no_grad():
-                teacher = None
-                if len(self._unlabeled_pool) > 1:
-                    pool = torch.cat(self._unlabeled_pool)
-                    pool_logits = self.teacher_logits(pool)
-                    n = data_u.shape[0]
-                    forced = n - round(n * (1 - self.oversample_foreground_percent))
-                    chosen = rare_class_first(hard_pseudo_label(pool_logits, has_regions=False), n, forced,
-                                              self.num_classes)
-                    data_u = pool[chosen]
-                    teacher = pool_logits[chosen] if self.caches_teacher_logits else None
-                elif self.caches_teacher_logits:
-                    teacher = self.teacher_logits(data_u)
+                data_u, teacher = self.next_pseudo_label_batch(data_u)
                 cache = self._ds_pseudo_cache = PseudoLabelCache(
                     data_u, self.aligned("ds", self.ds_pseudo_logits(data_u)), teacher)
         cache.served += 1
         return cache.data_u, cache.ds_logits, cache.teacher_logits
+
+    @torch.no_grad()
+    def next_pseudo_label_batch(self, data_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unlabeled batch DS labels next, and the teacher's aligned logits for it when they are cached (else
+        None): the step's own batch, or with ``pseudo_label_pool`` a draw from the last steps' batches, which the
+        teacher labels to rank them (rare_class_first)."""
+        if len(self._unlabeled_pool) < 2:
+            return data_u, self.teacher_logits(data_u) if self.caches_teacher_logits else None
+        pool = torch.cat(self._unlabeled_pool)
+        logits = self.teacher_logits(pool)
+        n = data_u.shape[0]
+        forced = n - round(n * (1 - self.oversample_foreground_percent))  # the patches nnU-Net's loader oversamples
+        chosen = rare_class_first(hard_pseudo_label(logits, has_regions=False), n, forced, self.num_classes)
+        return pool[chosen], logits[chosen] if self.caches_teacher_logits else None
 
     @property
     def caches_teacher_logits(self) -> bool:
