@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,7 +47,8 @@ SETTINGS: dict[str, dict] = {
     "S=10": {"ddim_steps": 10},
     "DS full width": {"ds_width_fraction": 1.0},
     "head on every voxel": {"head_on_sampled_voxels": False},
-    "DS labeled only": {"ds_on_unlabeled": False},
+    "DS on unlabeled": {"ds_on_unlabeled": True},
+    "DS learns every 2 steps": {"ds_train_every": 2},
     "unlabeled batch 0.5": {"unlabeled_batch_ratio": 0.5},
     "unlabeled batch 1/3": {"unlabeled_batch_ratio": 1 / 3},
     "S=1, unlabeled batch 1/3": {"ddim_steps": 1, "unlabeled_batch_ratio": 1 / 3},
@@ -162,8 +164,8 @@ def step_times(device: torch.device, dataset: str, configuration: str, names: li
             times[n].append(timed(device, lambda t=t, b=b: t.train_step(b)))
     medians = {n: statistics.median(v) for n, v in times.items()}
     fastest = {n: min(v) for n, v in times.items()}  # least disturbed by other work on a shared machine
-    # a setting that samples DS on one step in k (ds_refresh_every) has two kinds of step: its cost per step is the
-    # mean over a multiple of k repeats, not the median
+    # a setting that samples or trains DS on one step in k (ds_refresh_every, ds_train_every) has two kinds of step:
+    # its cost per step is the mean over a multiple of k repeats, not the median
     means = {n: statistics.fmean(v) for n, v in times.items()}
     first = next(iter(trainers.values()))
     return {"seconds": medians, f"ratio_to_{names[0]}": {n: v / medians[names[0]] for n, v in medians.items()},
@@ -219,22 +221,24 @@ def step_breakdown(device: torch.device, dataset: str, configuration: str, name:
         trainer.loss(split_batch(out, n)[0], target).backward()
         trainer.auxiliary["ds"].module.zero_grad(set_to_none=True)
 
-    k = trainer.ds_refresh_every
-    # the parts that run once per k steps (DDIM sampling; the teacher when cached with it) and the whole step are
-    # reported per step: one in k of the part, k whole steps divided by k
+    k, k_ds = trainer.ds_refresh_every, trainer.ds_train_every
+    whole = math.lcm(k, k_ds)
+    # the parts that run once per k steps (DDIM sampling; the teacher when cached with it; DS's training with
+    # ds_train_every) and the whole step are reported per step: one in k of the part, lcm whole steps divided by lcm
     teacher_every = k if trainer.caches_teacher_logits else 1
     teacher_name = "teacher forward" + (f" (1 step in {k})" if teacher_every > 1 else "")
     ddim_name = f"DDIM sampling (S={trainer.ddim_steps}, 1 step in {k})"
-    per_step = {teacher_name: teacher_every, ddim_name: k, "whole step": k}
+    ds_name = "DS forward + backward" + (f" (1 step in {k_ds})" if k_ds > 1 else "")
+    per_step = {teacher_name: teacher_every, ddim_name: k, ds_name: k_ds, "whole step": whole}
     parts = {teacher_name: teacher, ddim_name: lambda: trainer.ds_pseudo_logits(data_u),
-             "CS forward + backward": cs, "DS forward + backward": ds}
+             "CS forward + backward": cs, ds_name: ds}
     if trainer.use_contrastive:
         parts["projection head + contrastive loss"] = cs_with_head
     batch_for_step = {**batch, UNLABELED_KEY: {**batch[UNLABELED_KEY], "data": batch[UNLABELED_KEY]["data"][
         : trainer.unlabeled_batch_size]}}
 
     def whole_steps() -> None:
-        for _ in range(k):
+        for _ in range(whole):
             if trainer.ssl_step % trainer.diagnostics_every == 0:
                 trainer.ssl_step += 1
             trainer.train_step(batch_for_step)

@@ -1,9 +1,12 @@
-"""Forward+backward time of the own chunked selective scan against the step-by-step loop.
+"""Forward+backward time of the own selective scans (chunked; sequential with its own backward) against the
+step-by-step loop.
 
 Mamba's shapes inside HF-Mamba at the bottleneck: batch 2, d_inner 256 (d_model 128), d_state 16,
-with 216 (6^3), 1728 (12^3) and 4096 (16^3) tokens. Runs on CPU or CUDA.
+with 216 (6^3), 1728 (12^3) and 4096 (16^3) tokens. Runs on CPU or CUDA. The 2d benchmark's bottleneck
+(64 x 64 patch, 512 features, 3 + 3 patches):
 
     python benchmarks/bench_selective_scan.py --threads 2
+    python benchmarks/bench_selective_scan.py --threads 2 --batch 6 --d-inner 1024 --lengths 16 32 64
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from nnunetv2_diffcl.network_architectures.selective_scan import (
     describe_scan_backend,
     mamba_ssm_scan_fn,
     selective_scan_loop,
+    selective_scan_sequential,
     selective_scan_torch,
 )
 
@@ -71,7 +75,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    backends: dict[str, Callable] = {"chunked": selective_scan_torch, "loop": selective_scan_loop}
+    backends: dict[str, Callable] = {"chunked": selective_scan_torch, "sequential": selective_scan_sequential,
+                                     "loop": selective_scan_loop}
     fn, _ = mamba_ssm_scan_fn()
     if fn is not None and device.type == "cuda":
         backends["mamba_ssm"] = fn

@@ -10,8 +10,10 @@ uses), ``D`` and ``delta_bias`` are (d,).
 
 Backends:
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, only when ``mamba_ssm`` imports and the tensors are on CUDA;
-- ``torch``: :func:`selective_scan_torch`, this project's chunked pure-PyTorch scan (any device,
-  differentiable by autograd, stable in float32 for long sequences);
+- ``torch``: :func:`selective_scan_own`, this project's scans (any device): for sequences up to
+  ``SEQUENTIAL_MAX_LENGTH`` tokens :func:`selective_scan_sequential` (one pass each way with a
+  hand-written backward), above it :func:`selective_scan_torch` (chunked, differentiable by autograd,
+  stable in float32 for long sequences);
 - :func:`selective_scan_loop`: the plain step-by-step recurrence, kept as the reference for tests and
   benchmarks (never chosen automatically: it is slow).
 
@@ -29,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 ENV_VAR = "nnUNet_diffcl_scan"
 VALID_BACKENDS = ("auto", "mamba_ssm", "torch")
@@ -124,7 +127,31 @@ def selective_scan(
         fn, _ = mamba_ssm_scan_fn()
         assert fn is not None
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_own(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# Up to this many tokens the sequential scan is the faster one on the CPU (forward + backward, 2 threads,
+# benchmarks/bench_selective_scan.py): 0.014 against 0.022 s at batch 6, d_inner 1024, 16 tokens (HF-Mamba at the 2d
+# bottleneck of a 64 x 64 patch), 0.019 against 0.025 s at batch 2, d_inner 256, 216 tokens; from 1728 tokens on the
+# chunked scan's fewer Python steps win (0.147 against 0.152 s, 4096: 0.347 against 0.407 s). docs/benchmarks.md
+SEQUENTIAL_MAX_LENGTH = 256
+
+
+def selective_scan_own(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> ScanResult:
+    """The project's scan: sequential for short sequences, chunked for long ones (the faster of the two)."""
+    scan = selective_scan_sequential if u.shape[-1] <= SEQUENTIAL_MAX_LENGTH else selective_scan_torch
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -282,3 +309,88 @@ def selective_scan_torch(
     y = torch.stack(ys).permute(2, 3, 1, 0).reshape(bsz, d, k_num * t_len)[..., :length]
     out = _finish(y, u32, D, z, dtype_in)
     return (out, carried) if return_last_state else out
+
+
+class _SequentialScan(torch.autograd.Function):
+    """The recurrence without D, z and delta's preparation, in float32, with a hand-written backward.
+
+    Forward: the decays ``exp(delta * A)`` and inputs ``delta * u * B`` of all steps at once, then one
+    in-place multiply-add per step turns the inputs into the states (time-major, so a step is one dense
+    slice), then y from all states in one batched product. Backward: the same in reverse, the state
+    gradient carried back through the decays one step at a time and every parameter gradient read from
+    the saved states and decays at once: two (L, batch, d, n) tensors are kept for the backward, and a
+    step is one Python operation each way.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,  # noqa: ANN001
+                C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bsz, d, length = u.shape
+        dt_l = dt.permute(2, 0, 1).contiguous()  # (L, batch, d)
+        u_l = u.permute(2, 0, 1).contiguous()
+        b_l = B.permute(2, 0, 1).contiguous()  # (L, batch, n)
+        c_l = C.permute(2, 0, 1).contiguous()
+        decays = torch.exp(dt_l[..., None] * A)  # (L, batch, d, n)
+        states = (dt_l * u_l)[..., None] * b_l[:, :, None, :]  # the inputs, made states in place below
+        for t in range(1, length):
+            states[t].addcmul_(decays[t], states[t - 1])
+        rows = length * bsz
+        y = torch.bmm(states.view(rows, d, -1), c_l.view(rows, -1, 1)).view(length, bsz, d)
+        ctx.save_for_backward(u_l, dt_l, A, b_l, c_l, decays, states)
+        return y.permute(1, 2, 0), states[-1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor, grad_last: torch.Tensor | None  # noqa: ANN001
+                 ) -> tuple[torch.Tensor | None, ...]:
+        u_l, dt_l, A, b_l, c_l, decays, states = ctx.saved_tensors
+        length, bsz, d, n = states.shape
+        rows = length * bsz
+        gy = grad_y.permute(2, 0, 1).contiguous()  # (L, batch, d)
+        flat_states = states.view(rows, d, n)
+        grad_c = torch.bmm(flat_states.transpose(1, 2), gy.view(rows, d, 1)).view(length, bsz, n)
+        # dloss/dstate_t: from y_t, plus what state t + 1 passes back through its decay
+        grad_h = gy[..., None] * c_l[:, :, None, :]
+        if grad_last is not None:
+            grad_h[-1] += grad_last
+        for t in range(length - 2, -1, -1):
+            grad_h[t].addcmul_(decays[t + 1], grad_h[t + 1])
+        flat_grad_h = grad_h.view(rows, d, n)
+        grad_dtu = torch.bmm(flat_grad_h, b_l.view(rows, n, 1)).view(length, bsz, d)
+        grad_b = torch.bmm(flat_grad_h.transpose(1, 2), (dt_l * u_l).view(rows, d, 1)).view(length, bsz, n)
+        # dloss/d(delta * A): the decay multiplies the state before it (none before the first step)
+        grad_exponent = torch.zeros_like(grad_h)
+        torch.mul(grad_h[1:], states[:-1], out=grad_exponent[1:])
+        grad_exponent.mul_(decays)
+        grad_dt = grad_dtu * u_l + (grad_exponent * A).sum(-1)
+        grad_a = (grad_exponent * dt_l[..., None]).sum((0, 1))
+        grad_u = grad_dtu * dt_l
+        return (grad_u.permute(1, 2, 0), grad_dt.permute(1, 2, 0), grad_a, grad_b.permute(1, 2, 0),
+                grad_c.permute(1, 2, 0))
+
+
+def selective_scan_sequential(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> ScanResult:
+    """The recurrence step by step in float32 with its own backward (no double backward): on the CPU the
+    fastest of the project's scans for short sequences (``SEQUENTIAL_MAX_LENGTH``); L steps each way."""
+    _check_shapes(u, delta, A, B, C)
+    dtype_in = u.dtype
+    bsz, d, length = u.shape
+    u32 = u.float()
+    dt = _prepare_delta(delta, delta_bias, delta_softplus)
+    if length == 0:
+        out = _finish(u32.new_zeros(u.shape), u32, D, z, dtype_in)
+        return (out, u32.new_zeros(bsz, d, A.shape[1])) if return_last_state else out
+    y, last = _SequentialScan.apply(u32, dt, A.float(), B.float(), C.float())
+    out = _finish(y, u32, D, z, dtype_in)
+    return (out, last) if return_last_state else out

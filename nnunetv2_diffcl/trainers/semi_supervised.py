@@ -621,12 +621,17 @@ class SemiSupervisedTrainer(ScheduleFromEnvironment):
             return {"loss": np.nan, **logged, **{f"grad_norm_{name}": np.nan for name, _, _ in trained}}
         scaler = self.grad_scaler
         (scaler.scale(total) if scaler is not None else total).backward()
-        for name, module, optimizer in trained:
+        # a network that got no gradient rests this step (DiffCL's ds_train_every; the head in the warm-up): no
+        # clipping, no optimizer step (a grad scaler refuses an optimizer without gradients), its norm not logged
+        learning = [entry for entry in trained if any(p.grad is not None for p in entry[1].parameters())]
+        for name, _, _ in trained:
+            logged[f"grad_norm_{name}"] = np.nan
+        for name, module, optimizer in learning:
             if scaler is not None:
                 scaler.unscale_(optimizer)
             # the norm before clipping: how hard each network is pushed (logged per epoch)
             logged[f"grad_norm_{name}"] = float(nn.utils.clip_grad_norm_(module.parameters(), self.grad_clip_norm))
-        for _, _, optimizer in trained:
+        for _, _, optimizer in learning:
             if scaler is not None:
                 scaler.step(optimizer)
             else:

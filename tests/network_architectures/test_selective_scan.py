@@ -1,5 +1,5 @@
-"""Selective scan backends: the chunked PyTorch scan against the step-by-step recurrence, and the
-backend choice through ``nnUNet_diffcl_scan``."""
+"""Selective scan backends: the chunked PyTorch scan and the sequential scan with its own backward against the
+step-by-step recurrence, the choice between them by length, and the backend choice through ``nnUNet_diffcl_scan``."""
 
 from __future__ import annotations
 
@@ -93,6 +93,81 @@ def test_chunked_matches_loop_forward_and_gradients(length: int, opt_name: str) 
         assert_grads_close(grads(out, t), ref_grads)
 
 
+
+@pytest.mark.parametrize("length", [0, 1, 2, 7, 16, 64, 300])
+@pytest.mark.parametrize("opt_name", list(OPTION_SETS))
+def test_sequential_matches_loop_forward_and_gradients(length: int, opt_name: str) -> None:
+    """The hand-written backward against autograd through the reference recurrence, every input."""
+    opts = OPTION_SETS[opt_name]
+    t = make_inputs(2, 3, 4, length, seed=length + 11)
+    ref = call(ss.selective_scan_loop, t, opts)
+    out = call(ss.selective_scan_sequential, t, opts)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    if length:
+        assert_grads_close(grads(out, t), grads(ref, t))
+
+
+@pytest.mark.parametrize("length", [1, 5, 40])
+def test_sequential_last_state_and_its_gradient(length: int) -> None:
+    """The last state is an output of its own: its gradient enters the backward at the last step."""
+    t = make_inputs(2, 3, 4, length, seed=9)
+    opts = OPTION_SETS["mamba"]
+    out_ref, last_ref = call(ss.selective_scan_loop, t, opts, return_last_state=True)
+    out, last = call(ss.selective_scan_sequential, t, opts, return_last_state=True)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, last_ref, rtol=1e-4, atol=1e-4)
+    # a loss on the last state alone: every gradient comes from grad_last (C, D and z get none: the reference
+    # leaves them unused, the sequential scan's backward gives C a zero one)
+    def zero_if_unused(g: dict) -> dict:
+        return {k: torch.zeros_like(t[k]) if v is None else v for k, v in g.items()}
+    g, g_ref = zero_if_unused(grads(last, t)), zero_if_unused(grads(last_ref, t))
+    assert_grads_close(g, g_ref)
+    assert g["u"].abs().sum() > 0 and g["C"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sequential_output_dtype_follows_u(dtype: torch.dtype) -> None:
+    t = make_inputs(1, 3, 2, 20, dtype=dtype)
+    out = call(ss.selective_scan_sequential, t, OPTION_SETS["mamba"])
+    ref = call(ss.selective_scan_loop, t, OPTION_SETS["mamba"])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_sequential_strong_and_weak_decay_stay_finite() -> None:
+    """No division by a decay: exp underflowing to 0 (strong) or staying near 1 (weak) is harmless."""
+    for seed, log_a_scale, log_a_shift, delta_scale in ((3, 3.0, 2.0, 10.0), (4, 0.1, -6.0, 0.01)):
+        t = make_inputs(1, 4, 8, 64, seed=seed, log_a_scale=log_a_scale, log_a_shift=log_a_shift,
+                        delta_scale=delta_scale)
+        out = call(ss.selective_scan_sequential, t, OPTION_SETS["plain"])
+        ref = call(ss.selective_scan_loop, t, OPTION_SETS["plain"])
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert_grads_close(grads(out, t), grads(ref, t), rtol=1e-3, atol=1e-4)
+
+
+def test_sequential_refuses_double_backward() -> None:
+    t = make_inputs(1, 2, 3, 5)
+    out = call(ss.selective_scan_sequential, t, OPTION_SETS["plain"])
+    (grad_u,) = torch.autograd.grad(out.square().sum(), [t["u"]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|differentiable"):
+        grad_u.sum().backward()
+
+
+@pytest.mark.parametrize("length, expected", [(1, "sequential"), (ss.SEQUENTIAL_MAX_LENGTH, "sequential"),
+                                              (ss.SEQUENTIAL_MAX_LENGTH + 1, "chunked")])
+def test_own_scan_picks_by_length(monkeypatch: pytest.MonkeyPatch, length: int, expected: str) -> None:
+    called: list[str] = []
+    for name, attribute in (("sequential", "selective_scan_sequential"), ("chunked", "selective_scan_torch")):
+        original = getattr(ss, attribute)
+        monkeypatch.setattr(ss, attribute, lambda *a, _o=original, _n=name, **k: called.append(_n) or _o(*a, **k))
+    t = make_inputs(1, 2, 3, length)
+    out = call(ss.selective_scan_own, t, OPTION_SETS["mamba"])
+    assert called == [expected]
+    torch.testing.assert_close(out, call(ss.selective_scan_loop, t, OPTION_SETS["mamba"]), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("length", [1, 5, 100, 333])
 def test_last_state_matches_loop(length: int) -> None:
     t = make_inputs(2, 3, 4, length, seed=7)
@@ -181,13 +256,13 @@ def fake_mamba(monkeypatch: pytest.MonkeyPatch) -> list:
 
 def spy_torch_scan(monkeypatch: pytest.MonkeyPatch) -> list:
     calls: list = []
-    original = ss.selective_scan_torch
+    original = ss.selective_scan_own
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ss, "selective_scan_torch", spy)
+    monkeypatch.setattr(ss, "selective_scan_own", spy)
     return calls
 
 
@@ -275,10 +350,11 @@ def test_production_code_never_fakes_modules() -> None:
 def test_cuda_chunked_matches_loop(length: int) -> None:
     t = make_inputs(2, 8, 16, length, device="cuda")
     opts = OPTION_SETS["mamba"]
-    out = call(ss.selective_scan_torch, t, opts)
     ref = call(ss.selective_scan_loop, t, opts)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert_grads_close(grads(out, t), grads(ref, t))
+    for scan in (ss.selective_scan_torch, ss.selective_scan_sequential):
+        out = call(scan, t, opts)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert_grads_close(grads(out, t), grads(ref, t))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

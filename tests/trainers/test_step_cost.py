@@ -105,6 +105,36 @@ def test_ds_pseudo_label_is_reused_for_k_steps_and_sampled_again_after(dataset_c
     assert len(sampled) == 2
 
 
+
+@pytest.mark.parametrize("on_unlabeled", [False, True])
+def test_ds_learns_on_one_step_in_k(dataset_copy, in_process_env, on_unlabeled):
+    """ds_train_every = 2: DS runs, gets a gradient and moves on even steps only; CS learns on every step."""
+    in_process_env(dataset_copy)
+    torch.manual_seed(0)
+    trainer = make_trainer(dataset_copy, variant(ds_train_every=2, ds_on_unlabeled=on_unlabeled,
+                                                 diagnostics_every=1000))
+    batch = fixed_batch(trainer)
+    ds, cs = trainer.auxiliary["ds"].module, trainer.network
+    calls = []
+    forward = trainer.ds_train_forward
+    trainer.ds_train_forward = lambda images, labels: calls.append(trainer.ssl_step) or forward(images, labels)
+    trainer.on_train_epoch_start()
+    trainer.ssl_step = 10 ** 6 + 1  # past the warm-up, no diagnostics step among the four
+    for _ in range(4):
+        step = trainer.ssl_step
+        ds_before = [p.detach().clone() for p in ds.parameters()]
+        cs_before = [p.detach().clone() for p in cs.parameters()]
+        out = trainer.train_step(clone(batch))
+        ds_moved = any(not torch.equal(a, p) for a, p in zip(ds_before, ds.parameters()))
+        assert ds_moved == (step % 2 == 0) == np.isfinite(out["grad_norm_ds"]) == np.isfinite(out["ds_sup"])
+        assert any(not torch.equal(a, p) for a, p in zip(cs_before, cs.parameters()))
+        assert np.isfinite(out["loss"]) and np.isfinite(out["grad_norm_cs"])
+    assert calls == [10 ** 6 + 2, 10 ** 6 + 4]
+    # in the warm-up too: the resting step's DS loss is left out of the epoch's mean
+    trainer.ssl_step = 1
+    _, terms = trainer.compute_losses(batch["data"], batch["target"], batch[UNLABELED_KEY]["data"], weight=0.0)
+    assert np.isnan(terms["ds_sup"]) and len(calls) == 2
+
 def post_warmup_steps(trainer, batch: dict, steps: int, after_step=None) -> tuple[list, list]:
     """``steps`` training steps past the warm-up (none a diagnostics step), each on new random unlabeled patches:
     the teacher's inputs and the unlabeled batches, in order; ``after_step(trainer)`` runs after each step."""
@@ -207,6 +237,8 @@ def test_pseudo_label_batch_ratio_keeps_every_look(dataset_copy, in_process_env,
     (diffcl.DiffCLTrainer, "teacher_refresh_with_ds", "yes", "teacher_refresh_with_ds must be True or False"),
     (diffcl.DiffCLTrainer, "pseudo_label_pool", 5, r"pseudo_label_pool must be a whole number in \[1, "),
     (diffcl.DiffCLTrainer, "pseudo_label_pool", 0, r"pseudo_label_pool must be a whole number in \[1, "),
+    (diffcl.DiffCLTrainer, "ds_train_every", 0, "ds_train_every must be a whole number >= 1"),
+    (diffcl.DiffCLTrainer, "ds_train_every", 1.5, "ds_train_every must be a whole number >= 1"),
 ])
 def test_bad_cost_settings_are_refused(dataset_copy, in_process_env, cls, attribute, value, message):
     in_process_env(dataset_copy)
