@@ -138,7 +138,8 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     # False since the thirteenth session: 0.654 +- 0.006 against 0.657 +- 0.005 over three repeats at 3.06x nnU-Net's
     # step against 3.32x (docs/benchmarks.md); CS still learns DS's labels of the unlabeled batch
     ds_on_unlabeled: bool = False
-    # DS learns (forward, backward, optimizer step) on one step in k, counted from the first step; CS on every step
+    # after the warm-up DS learns (forward, backward, optimizer step) on one step in k, CS on every step; in the
+    # warm-up, where DS first learns the classes on the labeled batch as scanned, on every step
     ds_train_every: int = 1
     # DS's Dice on the labeled batch is also logged at these DDIM step counts (ds_dice_l_S<s>): the Dice-versus-S
     # curve inside training, at one extra sampling per count every ``diagnostics_every`` steps
@@ -386,14 +387,12 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
         target_full = target[0] if isinstance(target, list) else target
         nan = float("nan")
         zero = torch.zeros((), device=data.device)
-        trains_ds = self.ssl_step % self.ds_train_every == 0
+        trains_ds = weight == 0.0 or self.ssl_step % self.ds_train_every == 0
         if weight == 0.0:  # warm-up: CS takes exactly nnU-Net's labeled-only step, DS its supervised one
             cs_l = self.network(data)
-            terms = {"cs_sup": self.loss(cs_l, target),
-                     "ds_sup": self.loss(self.ds_train_forward(data, target_full), target) if trains_ds else zero}
+            terms = {"cs_sup": self.loss(cs_l, target), "ds_sup": self.loss(self.ds_train_forward(data, target_full),
+                                                                             target)}
             total = terms["cs_sup"] + terms["ds_sup"]
-            if not trains_ds:
-                terms["ds_sup"] = nan  # left out of the epoch's mean
             return total, {**terms, "cs_pseudo": zero, "ds_pseudo": zero, "contrast": zero, "contrast_excess": nan,
                            "ds_cs_dice": nan, "pseudo_kept": nan,
                            **self._labeled_diagnostics(data, target_full, full_resolution(cs_l))}
@@ -555,10 +554,11 @@ class DiffCLTrainer_dsLabeledOnly(DiffCLTrainer):
 
 
 class DiffCLTrainer_dsTrainEvery2(DiffCLTrainer):
-    """DS learns on one step in two (``ds_train_every = 2``; its forward, backward and optimizer step), CS on every
-    step: half of DS's training cost. Measured: 2.70x nnU-Net's step against the default's 2.87x (means, one run),
-    but 0.634 against the default's 0.657 (domain-shift benchmark, repeat 1): DS learns the lesion more slowly
-    (docs/benchmarks.md). Not a default."""
+    """After the warm-up DS learns on one step in two (``ds_train_every = 2``; its forward, backward and optimizer
+    step), CS on every step: half of DS's training cost after the warm-up, 2.70x nnU-Net's step against the default's
+    2.87x (means, one run). With DS resting on every other step of the warm-up too (the first version), 0.634
+    against the default's 0.657 (domain-shift benchmark, repeat 1): DS had not learnt the lesion by the warm-up's
+    end and never did (docs/benchmarks.md)."""
 
     ds_train_every = 2
 
