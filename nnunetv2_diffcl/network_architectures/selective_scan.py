@@ -10,7 +10,7 @@ uses), ``D`` and ``delta_bias`` are (d,).
 
 Backends:
 - ``mamba_ssm``: mamba-ssm's CUDA kernel, only when ``mamba_ssm`` imports and the tensors are on CUDA;
-- ``torch``: :func:`selective_scan_own`, this project's scans (any device): for sequences up to
+- ``torch``: this project's scans (any device, :func:`own_scan_for`): for sequences up to
   ``SEQUENTIAL_MAX_LENGTH`` tokens :func:`selective_scan_sequential` (one pass each way with a
   hand-written backward), above it :func:`selective_scan_torch` (chunked, differentiable by autograd,
   stable in float32 for long sequences);
@@ -127,7 +127,7 @@ def selective_scan(
         fn, _ = mamba_ssm_scan_fn()
         assert fn is not None
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_own(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return own_scan_for(u.shape[-1])(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 # Up to this many tokens the sequential scan is the faster one on the CPU (forward + backward, 2 threads,
@@ -137,21 +137,10 @@ def selective_scan(
 SEQUENTIAL_MAX_LENGTH = 256
 
 
-def selective_scan_own(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> ScanResult:
-    """The project's scan: sequential for short sequences, chunked for long ones (the faster of the two)."""
-    scan = selective_scan_sequential if u.shape[-1] <= SEQUENTIAL_MAX_LENGTH else selective_scan_torch
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+def own_scan_for(length: int) -> Callable[..., ScanResult]:
+    """The project's scan for a sequence of ``length`` tokens: sequential for short ones, chunked for long ones (the
+    faster of the two)."""
+    return selective_scan_sequential if length <= SEQUENTIAL_MAX_LENGTH else selective_scan_torch
 
 
 def _check_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -158,12 +158,13 @@ def test_sequential_refuses_double_backward() -> None:
 @pytest.mark.parametrize("length, expected", [(1, "sequential"), (ss.SEQUENTIAL_MAX_LENGTH, "sequential"),
                                               (ss.SEQUENTIAL_MAX_LENGTH + 1, "chunked")])
 def test_own_scan_picks_by_length(monkeypatch: pytest.MonkeyPatch, length: int, expected: str) -> None:
+    monkeypatch.setenv(ss.ENV_VAR, "torch")
     called: list[str] = []
     for name, attribute in (("sequential", "selective_scan_sequential"), ("chunked", "selective_scan_torch")):
         original = getattr(ss, attribute)
         monkeypatch.setattr(ss, attribute, lambda *a, _o=original, _n=name, **k: called.append(_n) or _o(*a, **k))
     t = make_inputs(1, 2, 3, length)
-    out = call(ss.selective_scan_own, t, OPTION_SETS["mamba"])
+    out = call(ss.selective_scan, t, OPTION_SETS["mamba"])
     assert called == [expected]
     torch.testing.assert_close(out, call(ss.selective_scan_loop, t, OPTION_SETS["mamba"]), rtol=1e-4, atol=1e-4)
 
@@ -256,13 +257,13 @@ def fake_mamba(monkeypatch: pytest.MonkeyPatch) -> list:
 
 def spy_torch_scan(monkeypatch: pytest.MonkeyPatch) -> list:
     calls: list = []
-    original = ss.selective_scan_own
+    original = ss.own_scan_for
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(args)
-        return original(*args, **kwargs)
+    def spy(length: int):  # noqa: ANN202
+        calls.append(length)
+        return original(length)
 
-    monkeypatch.setattr(ss, "selective_scan_own", spy)
+    monkeypatch.setattr(ss, "own_scan_for", spy)
     return calls
 
 
