@@ -135,8 +135,9 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     ds_signal_scale: float = 1.0          # the label signal is scale * [-1, 1]
     ds_width_fraction: float = 0.5        # DS's features per stage as a fraction of the planned ones (was 1)
     # DS also learns CS's pseudo-labels on the unlabeled batch (else from the labeled batch only, GenericSSL's choice).
-    # False since the thirteenth session: 0.654 +- 0.006 against 0.657 +- 0.005 over three repeats at 3.06x nnU-Net's
-    # step against 3.32x (docs/benchmarks.md); CS still learns DS's labels of the unlabeled batch
+    # False since the thirteenth session: 0.654 +- 0.006 (twelfth session) and 0.650 +- 0.006 (thirteenth) over three
+    # repeats each against 0.657 +- 0.005, at 2.75x nnU-Net's step against 2.96x (docs/benchmarks.md); CS still learns
+    # DS's labels of the unlabeled batch
     ds_on_unlabeled: bool = False
     # after the warm-up DS learns (forward, backward, optimizer step) on one step in k, CS on every step; in the
     # warm-up, where DS first learns the classes on the labeled batch as scanned, on every step
@@ -540,8 +541,8 @@ class DiffCLTrainer_uncut(DiffCLTrainer):
 
 class DiffCLTrainer_dsOnUnlabeled(DiffCLTrainer):
     """DS also learns CS's pseudo-labels on the unlabeled batch (``ds_on_unlabeled = True``, the default until the
-    thirteenth session): 0.657 +- 0.005 against 0.654 +- 0.006 with DS on the labeled batch only (three repeats of
-    the domain-shift benchmark), at 3.32x nnU-Net's step against 3.06x (docs/benchmarks.md)."""
+    thirteenth session): 0.657 +- 0.005 against 0.650-0.654 +- 0.006 with DS on the labeled batch only (three repeats
+    of the domain-shift benchmark, twice), at 2.96x nnU-Net's step against 2.75x (docs/benchmarks.md)."""
 
     ds_on_unlabeled = True
 
