@@ -557,9 +557,8 @@ class DiffCLTrainer_dsLabeledOnly(DiffCLTrainer):
 class DiffCLTrainer_dsTrainEvery2(DiffCLTrainer):
     """After the warm-up DS learns on one step in two (``ds_train_every = 2``; its forward, backward and optimizer
     step), CS on every step: half of DS's training cost after the warm-up, 2.70x nnU-Net's step against the default's
-    2.87x (means, one run). With DS resting on every other step of the warm-up too (the first version), 0.634
-    against the default's 0.657 (domain-shift benchmark, repeat 1): DS had not learnt the lesion by the warm-up's
-    end and never did (docs/benchmarks.md)."""
+    2.87x (means, one run). Dice 0.659 against the default's 0.657 (domain-shift benchmark, repeat 1; 0.634 with DS
+    resting on every other warm-up step too): a candidate, not yet measured over three repeats (docs/benchmarks.md)."""
 
     ds_train_every = 2
 
