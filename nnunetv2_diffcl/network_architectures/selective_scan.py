@@ -243,15 +243,14 @@ def selective_scan_torch(
     tensors K times larger; about twice the loop's arithmetic. Plain autograd ops (steps taken with
     ``unbind``, never by indexing), so every input is differentiable.
     """
-    _check_shapes(u, delta, A, B, C)
-    dtype_in = u.dtype
-    bsz, d, length = u.shape
-    n = A.shape[1]
-    u32 = u.float()
-    dt = _prepare_delta(delta, delta_bias, delta_softplus)
-    if length == 0:
-        out = _finish(u32.new_zeros(u.shape), u32, D, z, dtype_in)
-        return (out, u32.new_zeros(bsz, d, n)) if return_last_state else out
+    return _own_scan(lambda *args: _chunked_recurrence(*args, chunk_len), u, delta, A, B, C, D, z, delta_bias,
+                     delta_softplus, return_last_state)
+
+
+def _chunked_recurrence(u32: torch.Tensor, dt: torch.Tensor, a32: torch.Tensor, b32: torch.Tensor, c32: torch.Tensor,
+                        chunk_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y without D and z, last state) of the chunked scan for a non-empty sequence, inputs in float32."""
+    bsz, d, length = u32.shape
     t_len = default_chunk_len(length) if chunk_len is None else int(chunk_len)
     if t_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
@@ -265,11 +264,10 @@ def selective_scan_torch(
         x = F.pad(x, (0, pad)) if pad else x
         return x.reshape(x.shape[0], x.shape[1], k_num, t_len).permute(3, 2, 0, 1).contiguous()
 
-    a32 = A.float()
     dt_c = to_chunks(dt)  # (T, K, batch, d)
     dtu_c = to_chunks(dt * u32)
-    b_steps = to_chunks(B.float()).unbind(0)  # T x (K, batch, n)
-    c_steps = to_chunks(C.float()).unbind(0)
+    b_steps = to_chunks(b32).unbind(0)  # T x (K, batch, n)
+    c_steps = to_chunks(c32).unbind(0)
     # Per-step decay and input of all K chunks at once: T x (K, batch, d, n). unbind, never indexing:
     # an indexed step costs a full-size zero gradient in backward.
     decays = [torch.exp(dt_t[..., None] * a32) for dt_t in dt_c.unbind(0)]
@@ -295,9 +293,25 @@ def selective_scan_torch(
     for decay_t, input_t, c_t in zip(decays, inputs, c_steps):
         h = decay_t * h + input_t
         ys.append(torch.einsum("kbdn,kbn->kbd", h, c_t))
-    y = torch.stack(ys).permute(2, 3, 1, 0).reshape(bsz, d, k_num * t_len)[..., :length]
-    out = _finish(y, u32, D, z, dtype_in)
-    return (out, carried) if return_last_state else out
+    return torch.stack(ys).permute(2, 3, 1, 0).reshape(bsz, d, k_num * t_len)[..., :length], carried
+
+
+def _own_scan(recurrence: Callable[..., tuple[torch.Tensor, torch.Tensor]], u: torch.Tensor, delta: torch.Tensor,
+              A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+              delta_bias: torch.Tensor | None, delta_softplus: bool, return_last_state: bool) -> ScanResult:
+    """What the project's scans share around their recurrence: the shape checks, delta's bias and softplus, float32
+    inside, an empty sequence, then D, z and the input's dtype. ``recurrence(u, dt, A, B, C)`` gets float32 tensors of
+    a non-empty sequence and returns (y, last state)."""
+    _check_shapes(u, delta, A, B, C)
+    u32 = u.float()
+    dt = _prepare_delta(delta, delta_bias, delta_softplus)
+    bsz, d, length = u.shape
+    if length == 0:
+        y, last = u32.new_zeros(u.shape), u32.new_zeros(bsz, d, A.shape[1])
+    else:
+        y, last = recurrence(u32, dt, A.float(), B.float(), C.float())
+    out = _finish(y, u32, D, z, u.dtype)
+    return (out, last) if return_last_state else out
 
 
 class _SequentialScan(torch.autograd.Function):
@@ -348,7 +362,8 @@ class _SequentialScan(torch.autograd.Function):
         grad_dtu = torch.bmm(flat_grad_h, b_l.view(rows, n, 1)).view(length, bsz, d)
         grad_b = torch.bmm(flat_grad_h.transpose(1, 2), (dt_l * u_l).view(rows, d, 1)).view(length, bsz, n)
         # dloss/d(delta * A): the decay multiplies the state before it (none before the first step)
-        grad_exponent = torch.zeros_like(grad_h)
+        grad_exponent = torch.empty_like(grad_h)
+        grad_exponent[0].zero_()
         torch.mul(grad_h[1:], states[:-1], out=grad_exponent[1:])
         grad_exponent.mul_(decays)
         grad_dt = grad_dtu * u_l + (grad_exponent * A).sum(-1)
@@ -372,14 +387,4 @@ def selective_scan_sequential(
 ) -> ScanResult:
     """The recurrence step by step in float32 with its own backward (no double backward): on the CPU the
     fastest of the project's scans for short sequences (``SEQUENTIAL_MAX_LENGTH``); L steps each way."""
-    _check_shapes(u, delta, A, B, C)
-    dtype_in = u.dtype
-    bsz, d, length = u.shape
-    u32 = u.float()
-    dt = _prepare_delta(delta, delta_bias, delta_softplus)
-    if length == 0:
-        out = _finish(u32.new_zeros(u.shape), u32, D, z, dtype_in)
-        return (out, u32.new_zeros(bsz, d, A.shape[1])) if return_last_state else out
-    y, last = _SequentialScan.apply(u32, dt, A.float(), B.float(), C.float())
-    out = _finish(y, u32, D, z, dtype_in)
-    return (out, last) if return_last_state else out
+    return _own_scan(_SequentialScan.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
