@@ -69,6 +69,13 @@ SETTINGS: dict[str, dict] = {
     "DS sampled every 2 steps": {"ds_refresh_every": 2},
     "teacher on every step": {"teacher_refresh_with_ds": False},
     "unlabeled batch 2/3, DS labeled only": {"unlabeled_batch_ratio": 2 / 3, "ds_on_unlabeled": False},
+    "DS sampled every 8 steps": {"ds_refresh_every": 8},
+    "DS learns every 2 steps, sampled every 8": {"ds_train_every": 2, "ds_refresh_every": 8},
+    "bank 1024 per class": {"bank_capacity": 1024},
+    "128 queries per class": {"query_samples_per_class": 128},
+    "HF-Mamba expand 1": {"hf_mamba_expand": 1},
+    "DS learns every 2 steps, HF-Mamba expand 1": {"ds_train_every": 2, "hf_mamba_expand": 1},
+    "DS learns every 3 steps": {"ds_train_every": 3},
 }
 
 
@@ -111,7 +118,22 @@ def make_trainer(name: str, dataset: str, configuration: str, device: torch.devi
         trainer.ssl_step += 1  # not a diagnostics step: those are measured apart
         if trainer.unsupervised_weight() < 0.99:
             raise RuntimeError(f"{name}: the unsupervised weight is {trainer.unsupervised_weight()} after the ramp")
+        fill_memory_bank(trainer)
     return trainer
+
+
+def fill_memory_bank(trainer) -> None:
+    """Every class's memory bank entries filled, as after the first steps of a training (256 entries per class and
+    step, capacity 2048): a fresh trainer's bank is empty and its CS predicts few voxels right, which would make the
+    contrastive term, a product of queries and all entries, look cheaper than it is for the rest of a training."""
+    aux = getattr(trainer, "auxiliary", {})
+    if "memory_bank" not in aux:
+        return
+    bank = aux["memory_bank"].module
+    generator = torch.Generator().manual_seed(0)
+    entries = torch.randn(bank.num_classes * bank.capacity, bank.features.shape[-1], generator=generator)
+    labels = torch.arange(bank.num_classes).repeat_interleave(bank.capacity)
+    bank.push(torch.nn.functional.normalize(entries, dim=1).to(bank.features.device), labels.to(bank.features.device))
 
 
 def batch_for(trainer) -> dict:

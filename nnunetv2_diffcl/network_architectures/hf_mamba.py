@@ -42,6 +42,11 @@ def high_pass(x: torch.Tensor, cutoff_ratio: float) -> torch.Tensor:
     if not 0.0 < cutoff_ratio < 1.0:
         raise ValueError(f"cutoff_ratio must be in (0, 1), got {cutoff_ratio}")
     dims = tuple(range(2, x.dim()))
+    if all(int(cutoff_ratio * n / 2) == 0 for n in x.shape[2:]):
+        # the box is the DC bin alone (every axis shorter than 2 / cutoff_ratio, as at a 4 x 4 bottleneck):
+        # removing it is subtracting the mean, the same result without the two transforms
+        x = x.float()
+        return x - x.mean(dim=dims, keepdim=True)
     spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=dims), dim=dims)
     box = low_frequency_box(x.shape[2:], cutoff_ratio, device=x.device)
     spectrum = spectrum.masked_fill(box, 0)

@@ -563,6 +563,22 @@ class DiffCLTrainer_dsTrainEvery2(DiffCLTrainer):
     ds_train_every = 2
 
 
+class DiffCLTrainer_hfExpand1(DiffCLTrainer):
+    """HF-Mamba's two Mamba layers at inner width 1x the bottleneck's channels instead of 2x (``hf_mamba_expand =
+    1``): 1.96 M parameters against 3.65 M, about a third of CS's extra cost over the planned network
+    (docs/benchmarks.md)."""
+
+    hf_mamba_expand = 1
+
+
+class DiffCLTrainer_dsTrainEvery2HfExpand1(DiffCLTrainer):
+    """Both cuts: DS learns on one step in two after the warm-up and HF-Mamba's inner width is 1x its channels; a
+    candidate for the default at 2.42x nnU-Net's step against 2.92x (one run, docs/benchmarks.md)."""
+
+    ds_train_every = 2
+    hf_mamba_expand = 1
+
+
 class DiffCLTrainer_halfUnlabeled(DiffCLTrainer):
     """Half as many unlabeled as labeled patches per step."""
 

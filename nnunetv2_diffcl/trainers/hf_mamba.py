@@ -22,6 +22,7 @@ class HFMambaTrainer(ScheduleFromEnvironment):
 
     hf_mamba_stages: int = 1
     hf_cutoff_ratio: float = 0.25
+    hf_mamba_expand: int = 2  # Mamba's inner width as a multiple of the stage's channels (mamba-ssm's expand)
 
     @classmethod
     def build_network_architecture(
@@ -32,6 +33,9 @@ class HFMambaTrainer(ScheduleFromEnvironment):
         num_output_channels: int,
         enable_deep_supervision: bool = True,
     ) -> nn.Module:
+        if not (isinstance(cls.hf_mamba_expand, int) and cls.hf_mamba_expand >= 1):
+            raise ValueError(f"{cls.__name__}: hf_mamba_expand must be a whole number >= 1 (Mamba's inner width as a "
+                             f"multiple of the bottleneck's channels), got {cls.hf_mamba_expand!r}")
         return build_hf_mamba_network(
             plans_manager,
             configuration_manager,
@@ -40,6 +44,7 @@ class HFMambaTrainer(ScheduleFromEnvironment):
             enable_deep_supervision=enable_deep_supervision,
             hf_mamba_stages=cls.hf_mamba_stages,
             cutoff_ratio=cls.hf_cutoff_ratio,
+            mamba_kwargs={"expand": cls.hf_mamba_expand},
         )
 
     def _do_i_compile(self) -> bool:

@@ -14,6 +14,7 @@ from nnunetv2_diffcl.losses.contrastive import (
     ClassMemoryBank,
     ProjectionHead,
     all_gather_samples,
+    infonce_floor,
     sample_per_class,
     supervised_infonce,
 )
@@ -96,6 +97,40 @@ def test_infonce_known_values():
     expected = -(math.log(math.exp(1.0) / z) + math.log(math.exp(0.6) / z)) / 2
     loss = supervised_infonce(q, torch.tensor([0]), keys3, torch.tensor([0, 0, 1]), 1.0)
     assert loss.item() == pytest.approx(expected)
+
+
+def _infonce_by_definition(queries, query_labels, keys, key_labels, temperature):
+    """The loss as defined: every query's log-probabilities over all keys, averaged over its positives."""
+    per_query = []
+    for q, label in zip(queries, query_labels):
+        positive = key_labels == label
+        if positive.any():
+            log_prob = torch.log_softmax(keys @ q / temperature, dim=0)
+            per_query.append(-log_prob[positive].mean())
+    return torch.stack(per_query).mean()
+
+
+@pytest.mark.parametrize("temperature", [0.1, 1.0])
+@pytest.mark.parametrize("key_labels", [[0, 0, 1, 2, 2, 2], [3, 1, 1, 3, 7, 1], [-1, 0, 0, 5, 5, 0]])
+def test_infonce_matches_its_definition_in_value_and_gradient(temperature, key_labels):
+    # the class-mean form (no query-by-key mask) against the per-query definition, in float64: the queries' labels
+    # include classes with no key (left out) and the keys' classes with no query
+    torch.manual_seed(0)
+    key_labels = torch.tensor(key_labels).repeat(3)
+    keys = torch.nn.functional.normalize(torch.randn(key_labels.numel(), 5, dtype=torch.float64), dim=1)
+    query_labels = torch.tensor([0, 1, 3, 3, 4, 5, 7, 1])
+    queries = torch.nn.functional.normalize(torch.randn(8, 5, dtype=torch.float64), dim=1).requires_grad_()
+    keys.requires_grad_()
+    fast = supervised_infonce(queries, query_labels, keys, key_labels, temperature)
+    grads = torch.autograd.grad(fast, (queries, keys))
+    slow = _infonce_by_definition(queries, query_labels, keys, key_labels, temperature)
+    expected = torch.autograd.grad(slow, (queries, keys))
+    assert fast.dtype == torch.float32  # computed in float32 like the trainer's embeddings under autocast
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    positives = [int((key_labels == c).sum()) for c in query_labels if (key_labels == c).any()]
+    assert infonce_floor(query_labels, key_labels) == pytest.approx(sum(map(math.log, positives)) / len(positives))
 
 
 def test_infonce_skips_classes_without_keys_and_never_nans():

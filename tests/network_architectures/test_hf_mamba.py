@@ -49,6 +49,31 @@ def test_high_pass_real_zero_mean_and_idempotent(shape: tuple) -> None:
     assert full.imag.abs().max() < 1e-5
 
 
+def _high_pass_by_spectrum(x: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """The definition: zero the centred low-frequency box of the spectrum, transform back."""
+    dims = tuple(range(2, x.dim()))
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x, dim=dims), dim=dims)
+    spectrum = spectrum.masked_fill(low_frequency_box(x.shape[2:], cutoff), 0)
+    return torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=dims), dim=dims).real
+
+
+@pytest.mark.parametrize("shape,cutoff,dc_only", [((4, 4), 0.25, True), ((4, 6, 6), 0.25, True), ((7, 7), 0.25, True),
+                                                  ((8, 8), 0.25, False), ((4, 4), 0.5, False), ((5, 3, 7), 0.9, False)])
+def test_high_pass_matches_the_spectral_definition(shape: tuple, cutoff: float, dc_only: bool) -> None:
+    # where the box is the DC bin alone high_pass subtracts the mean instead of transforming; value and gradient
+    # must be those of the transform either way
+    assert (low_frequency_box(shape, cutoff).sum() == 1) == dc_only
+    x = torch.randn(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, *shape, dtype=torch.float64)
+    got = high_pass(x, cutoff)
+    (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    want = _high_pass_by_spectrum(x, cutoff)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-5)
+
+
 def test_low_frequency_box_size() -> None:
     box = low_frequency_box((16, 9, 1), 0.25)
     assert box.shape == (16, 9, 1)

@@ -19,6 +19,7 @@ from tests.network_architectures.test_cnn_branch import DATASET_JSON, NUM_CLASSE
 class TwoStageTrainer(HFMambaTrainer):
     hf_mamba_stages = 2
     hf_cutoff_ratio = 0.4
+    hf_mamba_expand = 1
 
 
 def managers(configuration: str = "3d_fullres"):  # noqa: ANN201 - (PlansManager, ConfigurationManager)
@@ -49,16 +50,28 @@ def test_signatures_are_what_nnunet_reads() -> None:
                           "num_output_channels", "enable_deep_supervision"]
 
 
-@pytest.mark.parametrize("cls, stages, cutoff", [(HFMambaTrainer, 1, 0.25), (TwoStageTrainer, 2, 0.4)])
+@pytest.mark.parametrize("cls, stages, cutoff, expand", [(HFMambaTrainer, 1, 0.25, 2), (TwoStageTrainer, 2, 0.4, 1)])
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
-def test_build_as_nnunetv2_predict_does(cls: type, stages: int, cutoff: float, configuration: str) -> None:
+def test_build_as_nnunetv2_predict_does(cls: type, stages: int, cutoff: float, expand: int, configuration: str
+                                        ) -> None:
     pm, cm = managers(configuration)
     net = cls.build_network_architecture(pm, cm, 1, NUM_CLASSES, enable_deep_supervision=False)
     assert isinstance(net, HFMambaUNet) and len(net.hf_mamba) == stages
     assert all(m.cutoff_ratio == cutoff for m in net.hf_mamba)
+    # the class's hf_mamba_expand reaches both Mamba layers: inner width = expand x the stage's channels
+    assert all(mamba.d_inner == expand * m.channels for m in net.hf_mamba
+               for mamba in (m.mamba_forward, m.mamba_backward))
     with torch.no_grad():
         out = net(torch.randn(1, 1, *cm.patch_size))
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == (1, NUM_CLASSES, *cm.patch_size)
+
+
+@pytest.mark.parametrize("expand", [0, 1.5, "2"])
+def test_bad_hf_mamba_expand_is_refused_by_name(expand: object) -> None:
+    pm, cm = managers("2d")
+    bad = type("BadExpandTrainer", (HFMambaTrainer,), {"hf_mamba_expand": expand})
+    with pytest.raises(ValueError, match="BadExpandTrainer: hf_mamba_expand must be a whole number >= 1"):
+        bad.build_network_architecture(pm, cm, 1, NUM_CLASSES, enable_deep_supervision=False)
 
 
 def test_initialize_builds_network_without_compile(trainer: HFMambaTrainer) -> None:
