@@ -76,6 +76,7 @@ SETTINGS: dict[str, dict] = {
     "HF-Mamba expand 1": {"hf_mamba_expand": 1},
     "DS learns every 2 steps, HF-Mamba expand 1": {"ds_train_every": 2, "hf_mamba_expand": 1},
     "DS learns every 3 steps": {"ds_train_every": 3},
+    "bank 1024 per class, 128 queries per class": {"bank_capacity": 1024, "query_samples_per_class": 128},
 }
 
 

@@ -10,7 +10,8 @@ unchanged, and the state-dict keys are the planned network's keys plus ``hf_mamb
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -43,6 +44,13 @@ def forward_capturing_features(network: nn.Module, decoder: nn.Module, x: torch.
     if len(captured) != 1:
         raise RuntimeError(f"the last segmentation layer ran {len(captured)} times instead of once")
     return out, captured[0]
+
+
+def saved_hf_mamba_expand(state_dict: Mapping[str, Any], index: int, channels: int) -> int | None:
+    """The inner width, as a multiple of ``channels``, of HF-Mamba ``index`` in an HFMambaUNet's state dict (read
+    from its in_proj, which maps the channels to twice the inner width); None where the dict has no such layer."""
+    weight = state_dict.get(f"hf_mamba.{index}.mamba_forward.in_proj.weight")
+    return None if weight is None else int(weight.shape[0]) // (2 * channels)
 
 
 class HFMambaUNet(nn.Module):
@@ -81,6 +89,21 @@ class HFMambaUNet(nn.Module):
         self.hf_mamba = nn.ModuleList(
             HFMamba(channels[-1 - i], cutoff_ratio=cutoff_ratio, **mamba_opts) for i in range(hf_mamba_stages)
         )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module's, except that HF-Mamba layers saved at another inner width (``hf_mamba_expand``) are rebuilt
+        at the saved width first: a model trained before a trainer's default width changed still predicts as it
+        was trained (``nnUNetv2_predict`` builds the network from the trainer class, then loads). Resuming a
+        training never gets here with another width: ``HFMambaTrainer.load_checkpoint`` refuses it, since the
+        optimizer holds the parameters built at the trainer's width."""
+        for i, module in enumerate(self.hf_mamba):
+            saved = saved_hf_mamba_expand(state_dict, i, module.channels)
+            if saved is not None and saved != module.expand:
+                reference = module.mamba_forward.in_proj.weight
+                self.hf_mamba[i] = HFMamba(module.channels, cutoff_ratio=module.cutoff_ratio,
+                                           d_state=module.mamba_forward.d_state, d_conv=module.mamba_forward.d_conv,
+                                           expand=saved).to(device=reference.device, dtype=reference.dtype)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _skips(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = list(self.encoder(x))

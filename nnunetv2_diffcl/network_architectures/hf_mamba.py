@@ -77,6 +77,7 @@ class HFMamba(nn.Module):
             raise ValueError(f"cutoff_ratio must be in (0, 1), got {cutoff_ratio}")
         self.channels = channels
         self.cutoff_ratio = cutoff_ratio
+        self.expand = expand
         self.norm = nn.LayerNorm(channels)
         self.mamba_forward = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand)
         self.mamba_backward = Mamba(channels, d_state=d_state, d_conv=d_conv, expand=expand)

@@ -100,10 +100,10 @@ def _step_counts(text: str) -> tuple[int, ...]:
 class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     """Diff-CL: CS (planned network + HF-Mamba) and DS (label denoiser) teach each other on unlabeled data.
 
-    Variants change: ``hf_mamba_stages`` (HF-Mamba), ``use_contrastive`` and the bank's sizes; DS's
-    ``ddim_steps``, ``ds_width_fraction``, ``ds_on_unlabeled``, ``ds_signal_scale``, ``ds_label_agreement`` and
-    ``ds_trust_measured``; the step's cost (``head_on_sampled_voxels``, ``unlabeled_batch_ratio``,
-    ``ds_refresh_every``, ``teacher_refresh_with_ds``); and
+    Variants change: ``hf_mamba_stages`` and ``hf_mamba_expand`` (HF-Mamba), ``use_contrastive`` and the bank's
+    sizes; DS's ``ddim_steps``, ``ds_width_fraction``, ``ds_on_unlabeled``, ``ds_signal_scale``,
+    ``ds_label_agreement`` and ``ds_trust_measured``; the step's cost (``head_on_sampled_voxels``,
+    ``unlabeled_batch_ratio``, ``ds_refresh_every``, ``ds_train_every``, ``teacher_refresh_with_ds``); and
     SemiSupervisedTrainer's dynamics attributes (warm-up, ramp, threshold, perturbation, EMA teacher).
     """
 
@@ -111,6 +111,10 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
                   "cs_dice_l", "ds_dice_l", "pseudo_kept")
     primary_name = "cs"
 
+    # HF-Mamba's Mamba layers at 1x the bottleneck's channels (HFMambaTrainer's 2x; DiffCL's until the fourteenth
+    # session). With ds_train_every = 2: 2.49-2.56x nnU-Net's step against 2.85x (means, two runs), Dice 0.651 +- 0.001
+    # against 0.650 +- 0.006 (three repeats each; docs/benchmarks.md); older checkpoints: DiffCLTrainer_hfExpand2
+    hf_mamba_expand: int = 1
     # objective (paper's notation)
     mu1: float = 1.0
     mu2: float = 1.0
@@ -140,8 +144,9 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     # DS's labels of the unlabeled batch
     ds_on_unlabeled: bool = False
     # after the warm-up DS learns (forward, backward, optimizer step) on one step in k, CS on every step; in the
-    # warm-up, where DS first learns the classes on the labeled batch as scanned, on every step
-    ds_train_every: int = 1
+    # warm-up, where DS first learns the classes on the labeled batch as scanned, on every step. 2 since the
+    # fourteenth session, with hf_mamba_expand = 1 (above)
+    ds_train_every: int = 2
     # DS's Dice on the labeled batch is also logged at these DDIM step counts (ds_dice_l_S<s>): the Dice-versus-S
     # curve inside training, at one extra sampling per count every ``diagnostics_every`` steps
     diagnostic_ddim_steps: tuple[int, ...] = ()
@@ -528,7 +533,20 @@ class DiffCLTrainer_noDiffusion(DiffCLTrainer):
         return self.auxiliary["ds"].module(images)
 
 
-class DiffCLTrainer_uncut(DiffCLTrainer):
+class FormerStep:
+    """What the variants that stand for a default before the fourteenth session keep: DS learning on every step and
+    HF-Mamba at 2x its channels (their measurements and checkpoints are of that step)."""
+
+    ds_train_every = 1
+    hf_mamba_expand = 2
+
+
+class DiffCLTrainer_hfExpand2(FormerStep, DiffCLTrainer):
+    """The default until the fourteenth session: DS learns on every step, HF-Mamba's Mamba layers at 2x the
+    bottleneck's channels. Resumes (``--c``) the checkpoints DiffCLTrainer wrote before 2026-12-06."""
+
+
+class DiffCLTrainer_uncut(FormerStep, DiffCLTrainer):
     """DiffCL's step before the cost cuts: DS at the planned width, 10 DDIM steps on every step, the head on every
     voxel."""
 
@@ -539,7 +557,7 @@ class DiffCLTrainer_uncut(DiffCLTrainer):
     ds_on_unlabeled = True
 
 
-class DiffCLTrainer_dsOnUnlabeled(DiffCLTrainer):
+class DiffCLTrainer_dsOnUnlabeled(FormerStep, DiffCLTrainer):
     """DS also learns CS's pseudo-labels on the unlabeled batch (``ds_on_unlabeled = True``, the default until the
     thirteenth session): 0.657 +- 0.005 against 0.650-0.654 +- 0.006 with DS on the labeled batch only (three repeats
     of the domain-shift benchmark, twice), at 2.96x nnU-Net's step against 2.75x (docs/benchmarks.md)."""
@@ -547,36 +565,40 @@ class DiffCLTrainer_dsOnUnlabeled(DiffCLTrainer):
     ds_on_unlabeled = True
 
 
-class DiffCLTrainer_dsLabeledOnly(DiffCLTrainer):
-    """DS learns from the labeled batch only: the default since the thirteenth session, which this variant was
-    measured as (0.654 +- 0.006); the name stays so that models trained under it still predict."""
+class DiffCLTrainer_dsLabeledOnly(FormerStep, DiffCLTrainer):
+    """DS learns from the labeled batch only (the default since the thirteenth session), with the step of then
+    (``FormerStep``), as this variant was measured (0.654 +- 0.006); the name stays so that its models still
+    predict."""
 
     ds_on_unlabeled = False
 
 
 class DiffCLTrainer_dsTrainEvery2(DiffCLTrainer):
-    """After the warm-up DS learns on one step in two (``ds_train_every = 2``; its forward, backward and optimizer
-    step), CS on every step: half of DS's training cost after the warm-up, 2.70x nnU-Net's step against the default's
-    2.87x (means, one run). Dice 0.659 against the default's 0.657 (domain-shift benchmark, repeat 1; 0.634 with DS
-    resting on every other warm-up step too): a candidate, not yet measured over three repeats (docs/benchmarks.md)."""
+    """DS learns on one step in two after the warm-up, HF-Mamba at 2x its channels (``hf_mamba_expand = 2``): the
+    first of the fourteenth session's two cuts alone: 2.64x nnU-Net's step against 2.85x (means, one run), Dice 0.659
+    and 0.650 (repeats 1-2, docs/benchmarks.md)."""
 
-    ds_train_every = 2
+    hf_mamba_expand = 2
 
 
 class DiffCLTrainer_hfExpand1(DiffCLTrainer):
-    """HF-Mamba's two Mamba layers at inner width 1x the bottleneck's channels instead of 2x (``hf_mamba_expand =
-    1``): 1.96 M parameters against 3.65 M, about a third of CS's extra cost over the planned network
-    (docs/benchmarks.md)."""
+    """HF-Mamba at 1x its channels with DS learning on every step (``ds_train_every = 1``): the second of the
+    fourteenth session's two cuts alone (1.96 M HF-Mamba parameters against 3.65 M)."""
 
-    hf_mamba_expand = 1
+    ds_train_every = 1
+
+
+class DiffCLTrainer_smallBank(DiffCLTrainer):
+    """The contrastive term at half its samples: 1024 bank entries per class (``bank_capacity``) and 128 queries per
+    class (``query_samples_per_class``) instead of 2048 and 256, a quarter of its queries x keys product."""
+
+    bank_capacity = 1024
+    query_samples_per_class = 128
 
 
 class DiffCLTrainer_dsTrainEvery2HfExpand1(DiffCLTrainer):
-    """Both cuts: DS learns on one step in two after the warm-up and HF-Mamba's inner width is 1x its channels; a
-    candidate for the default at 2.42x nnU-Net's step against 2.92x (one run, docs/benchmarks.md)."""
-
-    ds_train_every = 2
-    hf_mamba_expand = 1
+    """The default since the fourteenth session (DS learning on one step in two, HF-Mamba at 1x its channels), the
+    name it was measured under; kept so that its models still predict."""
 
 
 class DiffCLTrainer_halfUnlabeled(DiffCLTrainer):
@@ -690,7 +712,7 @@ class DiffCLTrainer_100epochs(DiffCLTrainer):
     schedule_epochs = 100
 
 
-class DiffCLTrainer_dsEveryStep(DiffCLTrainer):
+class DiffCLTrainer_dsEveryStep(FormerStep, DiffCLTrainer):
     """DS's pseudo-label sampled on every step (``ds_refresh_every = 1``, the default until the tenth session; the
     default samples on one step in four and reuses it with its unlabeled patches on the three after it)."""
 
@@ -698,7 +720,7 @@ class DiffCLTrainer_dsEveryStep(DiffCLTrainer):
     ds_on_unlabeled = True
 
 
-class DiffCLTrainer_teacherEveryStep(DiffCLTrainer):
+class DiffCLTrainer_teacherEveryStep(FormerStep, DiffCLTrainer):
     """The teacher runs on every step (``teacher_refresh_with_ds = False``, the default until the eleventh session);
     the default computes its logits when DS samples and reuses them with DS's for the ``ds_refresh_every`` steps."""
 
@@ -706,7 +728,7 @@ class DiffCLTrainer_teacherEveryStep(DiffCLTrainer):
     ds_on_unlabeled = True
 
 
-class DiffCLTrainer_leanCached(DiffCLTrainer):
+class DiffCLTrainer_leanCached(FormerStep, DiffCLTrainer):
     """The default (teacher cached with DS) with two unlabeled patches per three labeled ones and DS at a quarter of
     the planned width, still learning from the unlabeled batch (unlike _leanStep): 2.45-2.55x nnU-Net's step.
     Measured (domain-shift benchmark, repeat 1): the lesion lost entirely (Dice 0.00; organ 0.73): the thin DS does

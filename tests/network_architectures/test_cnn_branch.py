@@ -170,6 +170,22 @@ def test_state_dict_round_trip(dim: int, arch: str, stages: int) -> None:
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("saved, built", [(2, 1), (1, 2), (1, 3)])
+def test_loads_hf_mamba_saved_at_another_width_at_its_own_width(saved: int, built: int) -> None:
+    # what nnUNetv2_predict does with a model trained before the trainer's hf_mamba_expand changed: the network is
+    # built at the class's width, then loaded; it must predict exactly as the saved network
+    a = build(2, stages=2, seed=1, mamba_kwargs={"expand": saved, "d_state": 4})
+    b = build(2, stages=2, seed=2, deep_supervision=False, mamba_kwargs={"expand": built, "d_state": 4})
+    assert all(m.expand == built for m in b.hf_mamba)
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert all(m.expand == saved and m.mamba_forward.d_inner == saved * m.channels and m.mamba_forward.d_state == 4
+               for m in b.hf_mamba)
+    a.decoder.deep_supervision = False
+    x = torch.randn(1, 1, *patch(2))
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
 def test_stage_count_mismatch_does_not_load() -> None:
     with pytest.raises(RuntimeError, match="hf_mamba"):
         build(3, stages=1).load_state_dict(build(3, stages=2).state_dict(), strict=True)

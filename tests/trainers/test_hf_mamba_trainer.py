@@ -115,6 +115,19 @@ def test_train_step_and_predict_checkpoint(trainer: HFMambaTrainer) -> None:
         torch.testing.assert_close(predictor_net(data), trainer.network(data), rtol=0, atol=0)
 
 
+def test_resume_at_another_hf_mamba_width_is_refused(trainer: HFMambaTrainer, tmp_path: Path) -> None:
+    # the optimizer holds the parameters built at the trainer's width: resuming from another width must stop with
+    # the fix named, before anything is loaded
+    trainer.initialize()
+    pm, cm = managers()
+    narrow = TwoStageTrainer.build_network_architecture(pm, cm, 1, NUM_CLASSES)  # expand 1, two stages
+    torch.save({"network_weights": narrow.state_dict()}, tmp_path / "checkpoint_latest.pth")
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"inner width 1x .* HFMambaTrainer builds 2x .* hf_mamba_expand is 1"):
+        trainer.load_checkpoint(str(tmp_path / "checkpoint_latest.pth"))
+    assert all(torch.equal(before[k], v) for k, v in trainer.network.state_dict().items())
+
+
 def test_real_nnunet_train_and_predict(dataset_copy) -> None:
     """nnUNetv2_train -tr HFMambaTrainer and nnUNetv2_predict, as subprocesses, on the CPU."""
     import numpy as np
