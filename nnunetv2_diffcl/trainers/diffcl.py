@@ -112,7 +112,7 @@ class DiffCLTrainer(SemiSupervisedTrainer, HFMambaTrainer):
     primary_name = "cs"
 
     # HF-Mamba's Mamba layers at 1x the bottleneck's channels (HFMambaTrainer's 2x; DiffCL's until the fourteenth
-    # session). With ds_train_every = 2: 2.49-2.56x nnU-Net's step against 2.85x (means, two runs), Dice 0.651 +- 0.001
+    # session). With ds_train_every = 2: 2.49-2.56x nnU-Net's step against 2.85x (means, 3 runs), Dice 0.651 +- 0.001
     # against 0.650 +- 0.006 (three repeats each; docs/benchmarks.md); older checkpoints: DiffCLTrainer_hfExpand2
     hf_mamba_expand: int = 1
     # objective (paper's notation)
@@ -590,9 +590,9 @@ class DiffCLTrainer_hfExpand1(DiffCLTrainer):
 
 class DiffCLTrainer_smallBank(DiffCLTrainer):
     """The contrastive term at half its samples: 1024 bank entries per class (``bank_capacity``) and 128 queries per
-    class (``query_samples_per_class``) instead of 2048 and 256, a quarter of its queries x keys product: 2.38x
-    nnU-Net's step against the default's 2.56x (means, one run), Dice 0.653 and 0.646 against the default's 0.652 and
-    0.650 (repeats 1-2, docs/benchmarks.md): a candidate for the default."""
+    class (``query_samples_per_class``) instead of 2048 and 256, a quarter of its queries x keys product: 2.38x and
+    2.42x nnU-Net's step against the default's 2.56x and 2.54x (means, two runs), Dice 0.653 and 0.646 against the
+    default's 0.652 and 0.650 (repeats 1-2, docs/benchmarks.md): a candidate for the default."""
 
     bank_capacity = 1024
     query_samples_per_class = 128
