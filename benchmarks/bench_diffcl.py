@@ -124,9 +124,10 @@ def make_trainer(name: str, dataset: str, configuration: str, device: torch.devi
 
 
 def fill_memory_bank(trainer) -> None:
-    """Every class's memory bank entries filled, as after the first steps of a training (256 entries per class and
-    step, capacity 2048): a fresh trainer's bank is empty and its CS predicts few voxels right, which would make the
-    contrastive term, a product of queries and all entries, look cheaper than it is for the rest of a training."""
+    """Every class's memory bank entries filled, as after the first steps of a training (``bank_samples_per_class``
+    entries per class and step up to ``bank_capacity``): a fresh trainer's bank is empty and its CS predicts few voxels
+    right, which would make the contrastive term, a product of queries and all entries, look cheaper than it is for
+    the rest of a training."""
     aux = getattr(trainer, "auxiliary", {})
     if "memory_bank" not in aux:
         return
